@@ -1,0 +1,463 @@
+"""What every local LLM class shares.
+
+A runtime implements three things:
+
+* ``_pieces(prompt, call, tally)`` — a generator of text pieces as the runtime decodes
+  them (closing it must stop decoding), filling ``tally`` with token counts;
+* ``_identity()`` — everything that changes the output (model, sampling, grammar);
+* optionally ``_apieces`` (native async), ``_generate_batch`` (true batching) and
+  ``_concurrency`` (how many prompts may run at once).
+
+This class turns that into LangChain's ``invoke``/``batch``/``stream`` and their async
+forms, with stop sequences, ``on_llm_new_token`` callbacks, usage and timings, and a
+cache key that also holds per-call options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import pydantic
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    BaseCallbackManager,
+    CallbackManagerForLLMRun,
+    Callbacks,
+)
+from langchain_core.language_models import BaseLLM
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from pydantic import ConfigDict, Field, model_validator
+
+from langchain_localllms._stop import StopStream, check_stops
+from langchain_localllms._usage import Tally, llm_output
+
+T = TypeVar("T")
+
+#: Per-call options of the ``generate``/``agenerate`` call in progress, so that the
+#: cache key (built by LangChain from ``self.dict()``) includes them.
+_CALL_OPTIONS: ContextVar[dict[str, Any] | None] = ContextVar(
+    "langchain_localllms_call_options", default=None
+)
+
+
+@dataclass
+class Call:
+    """The resolved parameters of one generation: instance defaults + call options."""
+
+    params: dict[str, Any]
+    stops: list[str] = field(default_factory=list)
+
+
+def identity_value(value: Any) -> Any:
+    """Render a parameter so that equal behaviour gives equal cache keys."""
+    if hasattr(value, "identity"):
+        return value.identity
+    if isinstance(value, type) and issubclass(value, pydantic.BaseModel):
+        return json.dumps(value.model_json_schema(), sort_keys=True)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=repr)
+    return value
+
+
+class LocalLLM(BaseLLM):
+    """Base class of every runtime in this package (not used directly)."""
+
+    model_config = ConfigDict(
+        extra="forbid", arbitrary_types_allowed=True, protected_namespaces=()
+    )
+
+    stop: list[str] | None = None
+    """Stop sequences: the answer ends before the first one (which is not included).
+    Give them here or per call, not both."""
+
+    max_concurrency: int = Field(default=1, ge=1)
+    """How many prompts of a batch run at once (beyond the runtime's own batching)."""
+
+    #: Fields that may also be given per call (``llm.invoke(p, temperature=0)``).
+    _call_fields: ClassVar[tuple[str, ...]] = ()
+    #: Options that exist only per call or need no field (e.g. ``grammar``).
+    _call_only: ClassVar[tuple[str, ...]] = ()
+    #: Names of the fields LangSmith reports as temperature / max tokens.
+    _temperature_field: ClassVar[str | None] = "temperature"
+    _max_tokens_field: ClassVar[str | None] = "max_tokens"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_callback_manager(cls, values: Any) -> Any:
+        """``callback_manager=`` (the seeds' spelling) is an alias of ``callbacks=``."""
+        if isinstance(values, dict) and "callback_manager" in values:
+            values = dict(values)
+            manager = values.pop("callback_manager")
+            if values.get("callbacks") is not None and manager is not None:
+                msg = "give callbacks or callback_manager, not both"
+                raise ValueError(msg)
+            if manager is not None and not isinstance(manager, BaseCallbackManager):
+                msg = "callback_manager must be a CallbackManager"
+                raise TypeError(msg)
+            values["callbacks"] = manager
+        return values
+
+    @model_validator(mode="after")
+    def _check_stop_field(self) -> LocalLLM:
+        if self.stop is not None:
+            self.stop = check_stops(self.stop)
+        return self
+
+    # ------------------------------------------------------------------ identity
+    def _identity(self) -> dict[str, Any]:
+        """Everything that changes this instance's output (subclasses extend)."""
+        return {name: getattr(self, name) for name in self._call_fields}
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        params = {k: identity_value(v) for k, v in self._identity().items()}
+        params["stop"] = self.stop
+        call = _CALL_OPTIONS.get()
+        if call:
+            params["call_options"] = {
+                k: identity_value(v) for k, v in sorted(call.items())
+            }
+        return params
+
+    def _ls_model_name(self) -> str:
+        return self._llm_type
+
+    def _get_ls_params(
+        self, stop: list[str] | None = None, **kwargs: Any
+    ) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = self._llm_type
+        params["ls_model_name"] = self._ls_model_name()
+        for key, name in (
+            ("ls_temperature", self._temperature_field),
+            ("ls_max_tokens", self._max_tokens_field),
+        ):
+            if name is not None:
+                value = kwargs.get(name, getattr(self, name, None))
+                if value is not None:
+                    params[key] = value  # type: ignore[literal-required]
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    # ------------------------------------------------------------ call options
+    def _check_call_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Validate per-call options; an unknown one is an error, never dropped."""
+        allowed = set(self._call_fields) | set(self._call_only)
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            msg = (
+                f"{type(self).__name__} got unknown option(s) {', '.join(unknown)}. "
+                f"Options it takes per call: {', '.join(sorted(allowed)) or 'none'}."
+            )
+            raise TypeError(msg)
+        checked = {}
+        fields = type(self).model_fields
+        for name, value in kwargs.items():
+            if name in fields:
+                value = _field_adapter(type(self), name).validate_python(value)
+            checked[name] = value
+        return checked
+
+    def _resolve(self, stop: list[str] | None, kwargs: dict[str, Any]) -> Call:
+        """Merge instance defaults with the options of one call."""
+        if stop is not None and self.stop is not None:
+            msg = (
+                f"stop was given both to {type(self).__name__}(stop=...) and to this "
+                "call; give it in one place"
+            )
+            raise ValueError(msg)
+        options = self._check_call_options(kwargs)
+        params = {name: getattr(self, name) for name in self._call_fields}
+        params.update(options)
+        return Call(params=params, stops=check_stops(stop or self.stop))
+
+    # --------------------------------------------------------- runtime hooks
+    def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
+        raise NotImplementedError
+
+    async def _apieces(self, prompt: str, call: Call, tally: Tally) -> AsyncIterator[str]:
+        """Native async runtimes override; others run ``_pieces`` in a worker thread."""
+        async for piece in iterate_in_thread(lambda: self._pieces(prompt, call, tally)):
+            yield piece
+
+    def _generate_batch(self, prompts: list[str], call: Call) -> list[Generation] | None:
+        """Runtimes that batch natively return one generation per prompt, else None."""
+        return None
+
+    def _llm_output_extra(self) -> dict[str, Any]:
+        return {"model_name": self._ls_model_name()}
+
+    # ----------------------------------------------------------- LangChain API
+    def generate(  # type: ignore[override]
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] = None,
+        *,
+        tags: list[str] | list[list[str]] | None = None,
+        metadata: dict[str, Any] | list[dict[str, Any]] | None = None,
+        run_name: str | list[str] | None = None,
+        run_id: uuid.UUID | list[uuid.UUID | None] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        token = _CALL_OPTIONS.set(self._check_call_options(kwargs) or None)
+        try:
+            return super().generate(
+                prompts,
+                stop,
+                callbacks,
+                tags=tags,
+                metadata=metadata,
+                run_name=run_name,
+                run_id=run_id,
+                **kwargs,
+            )
+        finally:
+            _CALL_OPTIONS.reset(token)
+
+    async def agenerate(  # type: ignore[override]
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] = None,
+        *,
+        tags: list[str] | list[list[str]] | None = None,
+        metadata: dict[str, Any] | list[dict[str, Any]] | None = None,
+        run_name: str | list[str] | None = None,
+        run_id: uuid.UUID | list[uuid.UUID | None] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        token = _CALL_OPTIONS.set(self._check_call_options(kwargs) or None)
+        try:
+            return await super().agenerate(
+                prompts,
+                stop,
+                callbacks,
+                tags=tags,
+                metadata=metadata,
+                run_name=run_name,
+                run_id=run_id,
+                **kwargs,
+            )
+        finally:
+            _CALL_OPTIONS.reset(token)
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        call = self._resolve(stop, kwargs)
+        tally = Tally()
+        assembler = _Assembler(call.stops, tally)
+        pieces = self._pieces(prompt, call, tally)
+        try:
+            for piece in pieces:
+                chunk = assembler.feed(piece)
+                if chunk is not None:
+                    if run_manager:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+                if assembler.stopped:
+                    break
+        finally:
+            pieces.close()  # type: ignore[attr-defined]
+        final = assembler.finish()
+        if run_manager:
+            run_manager.on_llm_new_token(final.text, chunk=final)
+        yield final
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        call = self._resolve(stop, kwargs)
+        tally = Tally()
+        assembler = _Assembler(call.stops, tally)
+        pieces = self._apieces(prompt, call, tally)
+        try:
+            async for piece in pieces:
+                chunk = assembler.feed(piece)
+                if chunk is not None:
+                    if run_manager:
+                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+                if assembler.stopped:
+                    break
+        finally:
+            await pieces.aclose()  # type: ignore[attr-defined]
+        final = assembler.finish()
+        if run_manager:
+            await run_manager.on_llm_new_token(final.text, chunk=final)
+        yield final
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        generations: list[Generation] | None = None
+        if len(prompts) > 1:
+            generations = self._generate_batch(prompts, self._resolve(stop, kwargs))
+        if generations is None:
+
+            def one(prompt: str) -> Generation:
+                return _join(self._stream(prompt, stop, run_manager, **kwargs))
+
+            workers = min(self._concurrency(), len(prompts))
+            if workers > 1:
+                with ThreadPoolExecutor(workers) as pool:
+                    generations = list(pool.map(one, prompts))
+            else:
+                generations = [one(p) for p in prompts]
+        gens = [[g] for g in generations]
+        return LLMResult(generations=gens, llm_output=self._llm_output(gens))
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        if len(prompts) > 1 and self._batches_natively():
+            call = self._resolve(stop, kwargs)
+            generations = await asyncio.get_running_loop().run_in_executor(
+                None, self._generate_batch, prompts, call
+            )
+            if generations is not None:
+                gens = [[g] for g in generations]
+                return LLMResult(generations=gens, llm_output=self._llm_output(gens))
+        limit = asyncio.Semaphore(self._concurrency())
+
+        async def one(prompt: str) -> Generation:
+            async with limit:
+                chunks = [c async for c in self._astream(prompt, stop, run_manager, **kwargs)]
+                return _join(iter(chunks))
+
+        gens = [[g] for g in await asyncio.gather(*(one(p) for p in prompts))]
+        return LLMResult(generations=gens, llm_output=self._llm_output(gens))
+
+    def _llm_output(self, gens: list[list[Generation]]) -> dict[str, Any]:
+        return llm_output(gens, **self._llm_output_extra())
+
+    def _concurrency(self) -> int:
+        return self.max_concurrency
+
+    def _batches_natively(self) -> bool:
+        return type(self)._generate_batch is not LocalLLM._generate_batch
+
+
+class _Assembler:
+    """Stop handling and the final chunk with usage, shared by the sync and async loops."""
+
+    def __init__(self, stops: Sequence[str], tally: Tally) -> None:
+        self._stops = StopStream(stops)
+        self._tally = tally
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.stopped
+
+    def feed(self, piece: str) -> GenerationChunk | None:
+        self._tally.mark_piece()
+        text = self._stops.push(piece)
+        return GenerationChunk(text=text) if text else None
+
+    def finish(self) -> GenerationChunk:
+        text = "" if self._stops.stopped else self._stops.flush()
+        return GenerationChunk(
+            text=text, generation_info=self._tally.info(self._stops.matched)
+        )
+
+
+def _join(chunks: Iterator[GenerationChunk]) -> Generation:
+    total: GenerationChunk | None = None
+    for chunk in chunks:
+        total = chunk if total is None else total + chunk
+    assert total is not None  # the stream always ends with a final chunk
+    return Generation(text=total.text, generation_info=total.generation_info)
+
+
+_ADAPTERS: dict[tuple[type, str], pydantic.TypeAdapter[Any]] = {}
+
+
+def _field_adapter(cls: type[pydantic.BaseModel], name: str) -> pydantic.TypeAdapter[Any]:
+    """A validator for one field, so per-call values obey the field's constraints."""
+    key = (cls, name)
+    if key not in _ADAPTERS:
+        from typing import Annotated
+
+        info = cls.model_fields[name]
+        annotation: Any = info.annotation
+        if info.metadata:
+            annotation = Annotated[(annotation, *info.metadata)]
+        _ADAPTERS[key] = pydantic.TypeAdapter(annotation)
+    return _ADAPTERS[key]
+
+
+_END = object()
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """Run a blocking iterator in one worker thread without blocking the event loop.
+
+    The iterator is created, advanced and closed in the same thread (native runtimes
+    and their locks expect that). When the consumer stops early, the worker stops at
+    the next item and closes the iterator, so no decoding runs on in the background.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def put(ok: bool, value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (ok, value))
+        except RuntimeError:  # the loop is gone; nobody is listening any more
+            cancelled.set()
+
+    def work() -> None:
+        try:
+            iterator = make()
+            try:
+                for item in iterator:
+                    if cancelled.is_set():
+                        break
+                    put(True, item)
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+            put(True, _END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(False, e)
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while True:
+            ok, value = await queue.get()
+            if not ok:
+                raise value
+            if value is _END:
+                break
+            yield value
+    finally:
+        cancelled.set()
+        await asyncio.shield(worker)

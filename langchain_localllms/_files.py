@@ -1,0 +1,60 @@
+"""Checks on model paths that every in-process runtime makes before native code runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def model_file(path: str | os.PathLike[str], *, kind: str, magic: bytes | None = None) -> Path:
+    """Return ``path`` as a Path if it is a readable model file, else raise a clear error.
+
+    Args:
+        path: The model file the user gave.
+        kind: What it should be, for messages (e.g. ``"GGUF model"``).
+        magic: The bytes the file must start with, if the format has them.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        IsADirectoryError: ``path`` is a directory.
+        ValueError: the file is empty or not of this format.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        msg = f"{kind} file not found: {p}. Check the path (it is resolved from {Path.cwd()})."
+        raise FileNotFoundError(msg)
+    if p.is_dir():
+        msg = f"{p} is a directory; give the path of the {kind} file inside it."
+        raise IsADirectoryError(msg)
+    if magic is not None:
+        with p.open("rb") as f:
+            head = f.read(len(magic))
+        if head != magic:
+            what = "empty" if not head else f"not a {kind} (it starts with {head!r}, not {magic!r})"
+            msg = f"{p} is {what}. Re-download or re-convert the model."
+            raise ValueError(msg)
+    return p
+
+
+def model_dir(path: str | os.PathLike[str], *, kind: str, must_have: tuple[str, ...]) -> Path:
+    """Return ``path`` if it is a directory holding a model of this kind, else raise."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        msg = f"{kind} directory not found: {p}. Check the path (it is resolved from {Path.cwd()})."
+        raise FileNotFoundError(msg)
+    if not p.is_dir():
+        msg = f"{p} is a file; give the {kind} directory."
+        raise NotADirectoryError(msg)
+    missing = [name for name in must_have if not (p / name).is_file()]
+    if missing:
+        msg = f"{p} is not a {kind} directory: it has no {', '.join(missing)}."
+        raise ValueError(msg)
+    return p
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (what a runtime's thread count should default to)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,42 @@
+"""Lazy import of the optional runtimes, with one error text that names the fix."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+#: module name -> (pip distribution, extra of this package that installs it)
+_RUNTIMES: dict[str, tuple[str, str]] = {
+    "llama_cpp": ("llama-cpp-python", "llamacpp"),
+    "ctranslate2": ("ctranslate2", "ctranslate2"),
+    "transformers": ("transformers", "huggingface"),
+    "torch": ("torch", "huggingface"),
+    "optimum.intel": ("optimum-intel[openvino]", "openvino"),
+    "gpt4all": ("gpt4all", "gpt4all"),
+    "xgrammar": ("xgrammar", "huggingface"),
+}
+
+
+def require(module: str, *, feature: str | None = None) -> ModuleType:
+    """Import an optional runtime, or raise an ``ImportError`` that says what to install.
+
+    Args:
+        module: Dotted module name, e.g. ``"llama_cpp"``.
+        feature: What needs it, for the message (defaults to the module name).
+
+    Returns:
+        The imported module.
+
+    Raises:
+        ImportError: The module is not installed; the message names the extra.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        dist, extra = _RUNTIMES.get(module, (module, "all"))
+        msg = (
+            f"{feature or module} needs the `{dist}` package, which could not be "
+            f"imported ({e}). Install it with: "
+            f'pip install "langchain-localllms[{extra}]"'
+        )
+        raise ImportError(msg) from e
