@@ -35,7 +35,7 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseLLM
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from langchain_localllms._stop import StopStream, check_stops
 from langchain_localllms._usage import Tally, llm_output
@@ -106,11 +106,10 @@ class LocalLLM(BaseLLM):
             values["callbacks"] = manager
         return values
 
-    @model_validator(mode="after")
-    def _check_stop_field(self) -> LocalLLM:
-        if self.stop is not None:
-            self.stop = check_stops(self.stop)
-        return self
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop_field(cls, value: Any) -> list[str] | None:
+        return None if value is None else check_stops(value)
 
     # ------------------------------------------------------------------ identity
     def _identity(self) -> dict[str, Any]:
@@ -164,7 +163,12 @@ class LocalLLM(BaseLLM):
         fields = type(self).model_fields
         for name, value in kwargs.items():
             if name in fields:
-                value = _field_adapter(type(self), name).validate_python(value)
+                try:
+                    value = _field_adapter(type(self), name).validate_python(value)
+                except pydantic.ValidationError as e:
+                    problem = "; ".join(err["msg"] for err in e.errors())
+                    msg = f"{type(self).__name__}: bad value {value!r} for {name}: {problem}"
+                    raise ValueError(msg) from e
             checked[name] = value
         return checked
 

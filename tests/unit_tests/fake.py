@@ -1,0 +1,59 @@
+"""A runtime made of a script, for unit tests of the shared logic."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from langchain_localllms._base import Call, LocalLLM
+from langchain_localllms._usage import Tally
+
+
+class ScriptedLLM(LocalLLM):
+    """Answers every prompt with ``pieces`` (or ``answers[prompt]``), one piece at a time."""
+
+    pieces: list[str] = ["Hello", ",", " wor", "ld", "!"]
+    answers: dict[str, list[str]] = {}
+    max_tokens: int = 100
+    temperature: float = 0.0
+    delay: float = 0.0
+    fail_after: int | None = None
+
+    _call_fields: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature")
+    _call_only: ClassVar[tuple[str, ...]] = ("grammar",)
+
+    closed: ClassVar[list[bool]] = []
+    produced: ClassVar[list[str]] = []
+    lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted"
+
+    def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
+        tally.prompt_tokens = len(prompt.split())
+        tally.finish_reason = "stop"
+        pieces = self.answers.get(prompt, self.pieces)
+        try:
+            for i, piece in enumerate(pieces):
+                if i >= call.params["max_tokens"]:
+                    tally.finish_reason = "length"
+                    return
+                if self.fail_after is not None and i >= self.fail_after:
+                    raise RuntimeError("runtime failed mid-stream")
+                if self.delay:
+                    time.sleep(self.delay)
+                with self.lock:
+                    self.produced.append(piece)
+                tally.completion_tokens += 1
+                yield piece
+        finally:
+            self.closed.append(True)
+
+
+def scripted(**kw: Any) -> ScriptedLLM:
+    ScriptedLLM.closed.clear()
+    ScriptedLLM.produced.clear()
+    return ScriptedLLM(**kw)
