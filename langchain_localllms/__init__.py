@@ -12,13 +12,31 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from langchain_localllms.grammars import Grammar
+    from langchain_localllms.llms.ctranslate2 import CTranslate2
+    from langchain_localllms.llms.gpt4all import GPT4All
+    from langchain_localllms.llms.huggingface_pipeline import HuggingFacePipeline
     from langchain_localllms.llms.llamacpp import LlamaCpp
+    from langchain_localllms.llms.llamafile import Llamafile
+    from langchain_localllms.llms.ollama import Ollama
 
-__all__ = ["Grammar", "LlamaCpp"]
+__all__ = [
+    "CTranslate2",
+    "GPT4All",
+    "Grammar",
+    "HuggingFacePipeline",
+    "LlamaCpp",
+    "Llamafile",
+    "Ollama",
+]
 
 _EXPORTS = {
-    "LlamaCpp": "langchain_localllms.llms.llamacpp",
+    "CTranslate2": "langchain_localllms.llms.ctranslate2",
+    "GPT4All": "langchain_localllms.llms.gpt4all",
     "Grammar": "langchain_localllms.grammars",
+    "HuggingFacePipeline": "langchain_localllms.llms.huggingface_pipeline",
+    "LlamaCpp": "langchain_localllms.llms.llamacpp",
+    "Llamafile": "langchain_localllms.llms.llamafile",
+    "Ollama": "langchain_localllms.llms.ollama",
 }
 
 

@@ -90,6 +90,13 @@ class LocalLLM(BaseLLM):
     _temperature_field: ClassVar[str | None] = "temperature"
     _max_tokens_field: ClassVar[str | None] = "max_tokens"
 
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
+        self._setup()
+
+    def _setup(self) -> None:
+        """Load the runtime once the fields are valid (errors reach the user unwrapped)."""
+
     @model_validator(mode="before")
     @classmethod
     def _accept_callback_manager(cls, values: Any) -> Any:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from langchain_localllms._base import Call, LocalLLM
 from langchain_localllms._files import cpu_count, model_file
@@ -148,8 +148,7 @@ class LlamaCpp(LocalLLM):
     def _coerce_grammar(cls, value: Any) -> Grammar | None:
         return None if value is None else Grammar.coerce(value)
 
-    @model_validator(mode="after")
-    def _load(self) -> LlamaCpp:
+    def _setup(self) -> None:
         for name in ("suffix", "logprobs"):
             if getattr(self, name) is not None:
                 msg = f"LlamaCpp does not implement {name}=; leave it unset"
@@ -207,7 +206,6 @@ class LlamaCpp(LocalLLM):
                 "need more memory than is free; run with verbose=True for the reason."
             )
             raise ValueError(msg) from e
-        return self
 
     @property
     def _llm_type(self) -> str:
@@ -258,7 +256,7 @@ class LlamaCpp(LocalLLM):
         if not tokens:
             msg = "the prompt is empty and this model adds no start token; give a prompt"
             raise ValueError(msg)
-        n_ctx = llm.n_ctx()
+        n_ctx = min(llm.n_ctx(), len(llm.input_ids))  # llama.cpp may pad n_ctx
         room = n_ctx - len(tokens)
         if room <= 0:
             msg = (

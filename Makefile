@@ -1,0 +1,57 @@
+# langchain-localllms — `make demo` and `make test` are all a new user needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export LOCALLLMS_CACHE ?= $(HOME)/.cache/langchain-localllms
+# llama-cpp-python compiles from source; the multimodal part is not used here.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+KIT_MODELS := gemma-gguf gemma-hf gemma-ct2 gemma-ct2-int8 tiny-hf tiny-gguf tiny-ct2
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+
+.PHONY: help install models llama-server demo test unit integration lint format clean
+
+help: ## Show the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "== creating $(VENV) and installing (first time: ~6 min, llama-cpp-python compiles)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[all]" --group test --group lint --group kit
+	@touch $@
+
+install: $(VENV)/.installed ## Create .venv with every runtime and the test tools
+
+models: install ## Build the offline models (cached in $LOCALLLMS_CACHE)
+	$(PY) -m modelkit prepare $(KIT_MODELS)
+
+llama-server: install ## Build llama.cpp's HTTP server from the llama-cpp-python sdist (cached)
+	@scripts/build_llama_server.sh $(PY) >/dev/null
+
+demo: install ## Stream an answer from Gemma-3-270M through PromptTemplate | LlamaCpp
+	@$(PY) -m modelkit prepare gemma-gguf >/dev/null
+	@$(PY) scripts/demo.py
+
+unit: install ## Unit tests (no network, no models)
+	$(PYTEST) tests/unit_tests --disable-socket --allow-unix-socket
+
+integration: install models llama-server ## Integration tests on real models and loopback servers
+	$(PYTEST) tests/integration_tests
+
+test: install models llama-server ## Everything: unit + integration (real models) + docs
+	$(PYTEST) tests/unit_tests --disable-socket --allow-unix-socket
+	$(PYTEST) tests/integration_tests
+
+lint: install ## ruff + mypy
+	$(PY) -m ruff check langchain_localllms tests modelkit scripts
+	$(PY) -m ruff format --check langchain_localllms
+	$(PY) -m mypy langchain_localllms
+
+format: install ## Format the code
+	$(PY) -m ruff format langchain_localllms tests modelkit scripts
+	$(PY) -m ruff check --fix langchain_localllms tests modelkit scripts
+
+clean: ## Remove the virtualenv (the model cache stays)
+	rm -rf $(VENV)

@@ -1,0 +1,196 @@
+"""The contract every runtime class keeps, run on real models.
+
+LangChain's standard tests have no suite for ``BaseLLM``; this is ours. A runtime's
+test module subclasses :class:`LLMContract` and provides the ``llm`` fixture: a
+greedy instance (same prompt -> same answer) that generates a few dozen tokens at most.
+``max_tokens_option`` names the runtime's own parameter for the answer length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.globals import set_llm_cache
+from langchain_core.caches import InMemoryCache
+from langchain_core.language_models import BaseLLM
+from langchain_core.outputs import GenerationChunk
+from langchain_core.prompts import PromptTemplate
+
+PROMPT = "The capital of France is Paris. The capital of Italy is"
+PROMPTS = [
+    "The first man on the moon was",
+    "My favourite colour is",
+    "One, two, three, four,",
+]
+
+
+class Recorder(BaseCallbackHandler):
+    """Records what LangChain's callbacks see."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.chunks: list[Any] = []
+        self.starts = 0
+        self.ends: list[Any] = []
+
+    def on_llm_start(self, *args: Any, **kwargs: Any) -> None:
+        self.starts += 1
+
+    def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
+        self.tokens.append(token)
+        self.chunks.append(chunk)
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        self.ends.append(response)
+
+
+class LLMContract:
+    """Subclass, and provide an ``llm`` fixture (greedy)."""
+
+    max_tokens_option: ClassVar[str] = "max_tokens"
+    #: Whether a batch gives exactly the greedy answers of single calls (padding in
+    #: a true batch can change float rounding in some runtimes).
+    batch_matches_single: ClassVar[bool] = True
+    #: Prompts the model answers with a few words at least (random test models may
+    #: end some prompts at once).
+    prompts: ClassVar[list[str]] = PROMPTS
+
+    @pytest.fixture
+    def llm(self) -> BaseLLM:  # pragma: no cover - subclasses override
+        raise NotImplementedError
+
+    @pytest.fixture
+    def other_llm(self, llm: BaseLLM) -> BaseLLM:
+        """An instance that differs in sampling; override where copying is not cheap."""
+        return llm.model_copy(update={"temperature": 0.7})
+
+    # ------------------------------------------------------------------ tests
+    def test_invoke_returns_only_the_completion(self, llm: BaseLLM) -> None:
+        out = llm.invoke(PROMPT)
+        assert isinstance(out, str)
+        assert out.strip(), "empty answer"
+        assert not out.startswith(PROMPT)
+        assert PROMPT not in out
+
+    def test_greedy_is_repeatable(self, llm: BaseLLM) -> None:
+        assert llm.invoke(PROMPT) == llm.invoke(PROMPT)
+
+    def test_batch_returns_results_in_order(self, llm: BaseLLM) -> None:
+        outs = llm.batch(self.prompts)
+        assert len(outs) == len(self.prompts)
+        assert all(isinstance(o, str) and o for o in outs)
+        if self.batch_matches_single:
+            assert outs == [llm.invoke(p) for p in self.prompts]
+        else:
+            assert len(set(outs)) > 1, "a batch gave every prompt the same answer"
+
+    def test_generate_many_prompts_sums_usage(self, llm: BaseLLM) -> None:
+        result = llm.generate(self.prompts[:2])
+        assert len(result.generations) == 2
+        infos = [g[0].generation_info for g in result.generations]
+        usage = result.llm_output["token_usage"]
+        assert usage["prompt_tokens"] == sum(i["prompt_tokens"] for i in infos)
+        assert usage["completion_tokens"] == sum(i["completion_tokens"] for i in infos)
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    def test_stream_yields_pieces_that_join_to_invoke(self, llm: BaseLLM) -> None:
+        pieces = list(llm.stream(PROMPT))
+        assert len([p for p in pieces if p]) > 1, "not streamed: one piece only"
+        assert "".join(pieces) == llm.invoke(PROMPT)
+
+    def test_callbacks_get_every_chunk(self, llm: BaseLLM) -> None:
+        rec = Recorder()
+        text = llm.invoke(PROMPT, config={"callbacks": [rec]})
+        assert len(rec.tokens) > 1
+        assert "".join(rec.tokens) == text
+        assert all(isinstance(c, GenerationChunk) and c.text == t for c, t in zip(rec.chunks, rec.tokens))
+        rec2 = Recorder()
+        streamed = "".join(llm.stream(PROMPT, config={"callbacks": [rec2]}))
+        assert "".join(rec2.tokens) == streamed
+        assert rec2.starts == 1 and len(rec2.ends) == 1
+
+    def test_usage_and_timings(self, llm: BaseLLM) -> None:
+        gen = llm.generate([PROMPT]).generations[0][0]
+        info = gen.generation_info
+        assert info["prompt_tokens"] > 0
+        assert info["completion_tokens"] > 0
+        assert info["total_tokens"] == info["prompt_tokens"] + info["completion_tokens"]
+        assert info["finish_reason"] in ("stop", "length")
+        assert info["timings"]["completion_ms"] > 0
+        assert info["timings"]["prompt_ms"] > 0
+
+    def test_max_tokens_is_respected(self, llm: BaseLLM) -> None:
+        gen = llm.generate([self.prompts[0]], **{self.max_tokens_option: 3}).generations[0][0]
+        assert gen.generation_info["completion_tokens"] <= 3
+        if gen.generation_info["completion_tokens"] == 3:
+            assert gen.generation_info["finish_reason"] == "length"
+        full = llm.invoke(self.prompts[0])
+        assert full.startswith(gen.text)
+
+    def test_stop_truncates_and_says_why(self, llm: BaseLLM) -> None:
+        full = llm.invoke(self.prompts[0])
+        words = full.split()
+        assert len(words) >= 3, f"answer too short to test stops: {full!r}"
+        stop = words[2]
+        cut = full[: full.index(stop)]
+        for result in (
+            llm.generate([self.prompts[0]], stop=[stop]).generations[0][0],
+            _join_stream(llm, self.prompts[0], stop=[stop]),
+        ):
+            assert result.text == cut
+            assert result.generation_info["finish_reason"] == "stop"
+            assert result.generation_info["stop_sequence"] == stop
+        assert llm.bind(stop=[stop]).invoke(self.prompts[0]) == cut
+
+    async def test_async_forms_do_not_block_the_loop(self, llm: BaseLLM) -> None:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.002)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        try:
+            out = await llm.ainvoke(PROMPT)
+            chunks = [c async for c in llm.astream(PROMPT)]
+            outs = await llm.abatch(self.prompts[:2])
+        finally:
+            task.cancel()
+        assert out == llm.invoke(PROMPT)
+        assert "".join(chunks) == out and len([c for c in chunks if c]) > 1
+        if self.batch_matches_single:
+            assert outs == [llm.invoke(p) for p in self.prompts[:2]]
+        assert ticks > 3, "the event loop was blocked while the model generated"
+
+    def test_cache_keeps_models_and_options_apart(self, llm: BaseLLM, other_llm: BaseLLM) -> None:
+        assert llm._identifying_params != other_llm._identifying_params
+        set_llm_cache(InMemoryCache())
+        try:
+            short = llm.invoke(self.prompts[0], **{self.max_tokens_option: 2})
+            longer = llm.invoke(self.prompts[0], **{self.max_tokens_option: 6})
+            assert short != longer and longer.startswith(short)
+            assert llm.invoke(self.prompts[0], **{self.max_tokens_option: 2}) == short
+        finally:
+            set_llm_cache(None)
+
+    def test_prompt_template_pipe(self, llm: BaseLLM) -> None:
+        chain = PromptTemplate.from_template("The capital of {country} is") | llm
+        out = chain.invoke({"country": "France"})
+        assert out == llm.invoke("The capital of France is")
+
+    def test_unknown_option_is_refused(self, llm: BaseLLM) -> None:
+        with pytest.raises(TypeError, match="unknown option"):
+            llm.invoke(PROMPT, no_such_option=1)
+
+
+def _join_stream(llm: BaseLLM, prompt: str, **kwargs: Any) -> Any:
+    """The final aggregated chunk of a stream, with its generation_info."""
+    total = None
+    for chunk in llm._stream(prompt, **kwargs):
+        total = chunk if total is None else total + chunk
+    return total

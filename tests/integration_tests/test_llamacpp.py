@@ -1,0 +1,184 @@
+"""LlamaCpp on real GGUF models: the contract, grammars, errors, threads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pydantic
+import pytest
+from langchain_core.callbacks import CallbackManager, StreamingStdOutCallbackHandler
+
+from langchain_localllms import Grammar, LlamaCpp
+from tests.integration_tests.contract import PROMPT, PROMPTS, LLMContract
+
+GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0, "max_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def gemma(model_path):
+    return LlamaCpp(model_path=str(model_path("gemma-gguf")), **GREEDY)
+
+
+@pytest.fixture(scope="module")
+def tiny(model_path):
+    # f32 KV cache: the random tiny model has near-ties that f16 rounding can flip.
+    return LlamaCpp(model_path=str(model_path("tiny-gguf")), f16_kv=False, n_ctx=1024, **GREEDY)
+
+
+class TestGemmaContract(LLMContract):
+    @pytest.fixture
+    def llm(self, gemma):
+        return gemma
+
+    @pytest.fixture
+    def other_llm(self, model_path):
+        return LlamaCpp(model_path=str(model_path("gemma-gguf")), **{**GREEDY, "temperature": 0.7})
+
+
+class TestTinyContract(LLMContract):
+    prompts = ["The first man on the moon was", "My favourite colour is", "Red cat and blue dog"]
+
+    @pytest.fixture
+    def llm(self, tiny):
+        return tiny
+
+    @pytest.fixture
+    def other_llm(self, model_path):
+        return LlamaCpp(model_path=str(model_path("gemma-gguf")), **GREEDY)
+
+
+def test_known_greedy_answer(gemma):
+    # Gemma-3-270M's greedy continuation, as llama.cpp gives it with no penalties.
+    assert gemma.invoke("The first man on the moon was").startswith(" a man named Apollo 11.")
+
+
+def test_defaults_are_fast_ones(model_path):
+    llm = LlamaCpp(model_path=str(model_path("tiny-gguf")))
+    assert llm.n_batch == 512
+    assert llm.client.n_batch == 512
+    from langchain_localllms._files import cpu_count
+
+    assert llm.client.context_params.n_threads == cpu_count()
+    assert llm.verbose is False
+
+
+def test_seed_makes_sampling_repeatable(gemma):
+    a = gemma.invoke(PROMPT, temperature=1.0, seed=7)
+    b = gemma.invoke(PROMPT, temperature=1.0, seed=7)
+    assert a == b
+
+
+def test_json_grammar_gives_json(gemma):
+    # A base model rambles inside free-form JSON; one example shows it where to end.
+    prompt = 'A person in JSON: {"name": "Ada", "age": 36}\nDescribe a person in JSON format:'
+    gen = gemma.generate([prompt], grammar=Grammar.builtin("json"), max_tokens=96).generations[0][0]
+    assert gen.generation_info["finish_reason"] == "stop"
+    assert isinstance(json.loads(gen.text), dict)
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+
+
+def test_schema_grammar_per_call_and_bound(gemma):
+    out = gemma.invoke("Describe a person in JSON format:", grammar=Person, max_tokens=64)
+    person = Person.model_validate_json(out)
+    assert person.name
+    bound = gemma.bind(grammar=Grammar.from_pydantic(Person))
+    assert Person.model_validate_json(bound.invoke("Describe a person in JSON format:", max_tokens=64))
+
+
+def test_list_grammar_from_file_gives_a_list_of_strings(model_path, tmp_path):
+    f = tmp_path / "list.gbnf"
+    f.write_text(Grammar.builtin("list").gbnf)
+    llm = LlamaCpp(model_path=str(model_path("gemma-gguf")), grammar_path=str(f), **{**GREEDY, "max_tokens": 256})
+    value = json.loads(llm.invoke("List of top-3 my favourite books:"))
+    assert isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
+
+
+def test_grammar_streams(gemma):
+    pieces = list(gemma.stream("A JSON object:", grammar=Grammar.builtin("json"), max_tokens=96))
+    assert len(pieces) > 2
+    json.loads("".join(pieces))
+
+
+def test_bad_grammar_is_a_value_error_before_native_code(model_path):
+    with pytest.raises(ValueError, match="line 1:"):
+        LlamaCpp(model_path=str(model_path("gemma-gguf")), grammar='root ::= "unclosed')
+
+
+def test_missing_and_wrong_model_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
+        LlamaCpp(model_path=str(tmp_path / "nowhere.gguf"))
+    with pytest.raises(IsADirectoryError, match="directory"):
+        LlamaCpp(model_path=str(tmp_path))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="not a GGUF model"):
+        LlamaCpp(model_path=str(junk))
+
+
+def test_truncated_gguf_is_an_error_not_a_crash(model_path, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    with open(model_path("gemma-gguf"), "rb") as f:
+        cut.write_bytes(f.read(4_000_000))
+    code = (
+        "from langchain_localllms import LlamaCpp\n"
+        f"try:\n    LlamaCpp(model_path={str(cut)!r})\n"
+        "except ValueError as e:\n    print('ERR', e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ERR llama.cpp could not load" in proc.stdout and str(cut) in proc.stdout
+
+
+def test_prompt_longer_than_context(model_path):
+    llm = LlamaCpp(model_path=str(model_path("gemma-gguf")), n_ctx=64, **GREEDY)
+    with pytest.raises(ValueError, match="larger n_ctx"):
+        llm.invoke("word " * 200)
+
+
+def test_unsupported_and_unknown_parameters(model_path):
+    path = str(model_path("gemma-gguf"))
+    with pytest.raises(ValueError, match="suffix"):
+        LlamaCpp(model_path=path, suffix="x")
+    with pytest.raises(ValueError, match="n_ctxx"):
+        LlamaCpp(model_path=path, model_kwargs={"n_ctxx": 5})
+    with pytest.raises(ValueError, match="temperature"):
+        LlamaCpp(model_path=path, temperature=-1)
+
+
+def test_threads_share_one_instance(gemma):
+    expected = {p: gemma.invoke(p) for p in PROMPTS}
+    results: list[tuple[str, str]] = []
+
+    def work(p):
+        results.append((p, gemma.invoke(p)))
+
+    threads = [threading.Thread(target=work, args=(PROMPTS[i % 3],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8
+    assert all(out == expected[p] for p, out in results)
+
+
+def test_seed_flow_callback_manager_streams_to_stdout(model_path, capsys):
+    llm = LlamaCpp(
+        model_path=str(model_path("gemma-gguf")),
+        temperature=0.75,
+        max_tokens=12,
+        top_p=1,
+        n_gpu_layers=-1,
+        n_batch=512,
+        f16_kv=True,
+        callback_manager=CallbackManager([StreamingStdOutCallbackHandler()]),
+        verbose=False,
+    )
+    out = llm.invoke("Question: A rap battle between Stephen Colbert and John Oliver")
+    assert out and out in capsys.readouterr().out
