@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export LOCALLLMS_CACHE ?= $(HOME)/.cache/langchain-localllms
 # llama-cpp-python compiles from source; the multimodal part is not used here.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
-KIT_MODELS := gemma-gguf gemma-hf gemma-ct2 gemma-ct2-int8 tiny-hf tiny-gguf tiny-ct2
+KIT_MODELS := gemma-gguf gemma-hf gemma-ct2 gemma-ct2-int8 tiny-hf tiny-gguf tiny-ct2 tiny-chat-hf tiny-chat-gguf
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
 .PHONY: help install models llama-server demo test unit integration lint format clean

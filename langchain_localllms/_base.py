@@ -39,6 +39,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from langchain_localllms._stop import StopStream, check_stops
 from langchain_localllms._usage import Tally, llm_output
+from langchain_localllms.prompts import ModelInfo
 
 T = TypeVar("T")
 
@@ -136,6 +137,10 @@ class LocalLLM(BaseLLM):
 
     def _ls_model_name(self) -> str:
         return self._llm_type
+
+    def model_info(self) -> ModelInfo:
+        """What this runtime knows of its model (architecture, chat template, ...)."""
+        return ModelInfo(runtime=self._llm_type, model=self._ls_model_name())
 
     def _get_ls_params(
         self, stop: list[str] | None = None, **kwargs: Any

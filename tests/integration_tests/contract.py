@@ -76,7 +76,13 @@ class LLMContract:
         assert PROMPT not in out
 
     def test_greedy_is_repeatable(self, llm: BaseLLM) -> None:
-        assert llm.invoke(PROMPT) == llm.invoke(PROMPT)
+        # Same prompt back to back, and again after another prompt: runtimes that
+        # reuse cached state between calls must not change the answer.
+        first = llm.invoke(PROMPT)
+        assert llm.invoke(PROMPT) == first
+        assert llm.invoke(PROMPT) == first
+        llm.invoke(self.prompts[0])
+        assert llm.invoke(PROMPT) == first
 
     def test_batch_returns_results_in_order(self, llm: BaseLLM) -> None:
         outs = llm.batch(self.prompts)

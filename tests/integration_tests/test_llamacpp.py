@@ -182,3 +182,16 @@ def test_seed_flow_callback_manager_streams_to_stdout(model_path, capsys):
     )
     out = llm.invoke("Question: A rap battle between Stephen Colbert and John Oliver")
     assert out and out in capsys.readouterr().out
+
+
+def test_repeated_prompt_decodes_the_same_on_a_sliding_window_model(gemma):
+    # Gemma 3 uses sliding-window attention; llama-cpp-python's KV prefix reuse
+    # changed the 4th answer of this sequence until LlamaCpp started each call clean.
+    q = (
+        "<<SYS>> \n You are an assistant. \n <</SYS>> \n\n [INST] What NFL team won the "
+        "Super Bowl in the year that Justin Bieber was born? [/INST]"
+    )
+    first = gemma.invoke(q)
+    gemma.invoke("<start_of_turn>user\nQuestion: What is the capital of France?<end_of_turn>\n")
+    assert gemma.invoke(q) == first
+    assert gemma.invoke(q) == first
