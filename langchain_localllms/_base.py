@@ -98,10 +98,19 @@ class LocalLLM(BaseLLM):
     def _setup(self) -> None:
         """Load the runtime once the fields are valid (errors reach the user unwrapped)."""
 
+    #: Parameters the ``langchain_community`` class takes that mean nothing on this
+    #: runtime, with the reason: passing one is an error that says why.
+    _refused: ClassVar[dict[str, str]] = {}
+
     @model_validator(mode="before")
     @classmethod
     def _accept_callback_manager(cls, values: Any) -> Any:
         """``callback_manager=`` (the seeds' spelling) is an alias of ``callbacks=``."""
+        if isinstance(values, dict):
+            for name in values:
+                if name in cls._refused:
+                    msg = f"{cls.__name__} does not take {name}=: {cls._refused[name]}"
+                    raise TypeError(msg)
         if isinstance(values, dict) and "callback_manager" in values:
             values = dict(values)
             manager = values.pop("callback_manager")
