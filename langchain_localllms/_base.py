@@ -235,6 +235,7 @@ class LocalLLM(BaseLLM):
         run_id: uuid.UUID | list[uuid.UUID | None] | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        _check_prompts(prompts)
         token = _CALL_OPTIONS.set(self._check_call_options(kwargs) or None)
         try:
             return super().generate(
@@ -262,6 +263,7 @@ class LocalLLM(BaseLLM):
         run_id: uuid.UUID | list[uuid.UUID | None] | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        _check_prompts(prompts)
         token = _CALL_OPTIONS.set(self._check_call_options(kwargs) or None)
         try:
             return await super().agenerate(
@@ -411,6 +413,16 @@ class _Assembler:
         return GenerationChunk(
             text=text, generation_info=self._tally.info(self._stops.matched)
         )
+
+
+def _check_prompts(prompts: Any) -> None:
+    if isinstance(prompts, str) or not isinstance(prompts, list):
+        msg = f"generate() takes a list of prompt strings, got {type(prompts).__name__}"
+        raise TypeError(msg)
+    for p in prompts:
+        if not isinstance(p, str):
+            msg = f"prompts must be strings, got {type(p).__name__}: {p!r:.60}"
+            raise TypeError(msg)
 
 
 def _join(chunks: Iterator[GenerationChunk]) -> Generation:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import inspect
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -98,8 +99,8 @@ class LlamaCpp(LocalLLM):
     streaming: bool = True
     """Send each token to ``on_llm_new_token`` during ``invoke``/``generate`` too."""
 
-    max_tokens: int | None = Field(default=256)
-    """Most tokens to generate; None or <= 0: until the context is full."""
+    max_tokens: int | None = Field(default=256, ge=-1)
+    """Most tokens to generate; None, 0 or -1: until the context is full."""
     temperature: float = Field(default=0.8, ge=0)
     """Sampling temperature; 0 is greedy."""
     top_p: float = Field(default=0.95, gt=0, le=1)
@@ -208,6 +209,9 @@ class LlamaCpp(LocalLLM):
                 "need more memory than is free; run with verbose=True for the reason."
             )
             raise ValueError(msg) from e
+        # Free the native model when this object goes, and at the latest at exit,
+        # before Python tears down the modules llama-cpp-python's destructor needs.
+        weakref.finalize(self, self._llm.close)
         arch = self._llm.metadata.get("general.architecture", "")
         self._sliding_window = f"{arch}.attention.sliding_window" in self._llm.metadata
 
