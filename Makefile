@@ -10,7 +10,7 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 KIT_MODELS := gemma-gguf gemma-hf gemma-ct2 gemma-ct2-int8 tiny-hf tiny-gguf tiny-ct2 tiny-chat-hf tiny-chat-gguf
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help install models llama-server demo test unit integration lint format clean
+.PHONY: help install models llama-server demo test unit integration bench lint format clean
 
 help: ## Show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -44,6 +44,17 @@ test: install models llama-server ## Everything: unit + integration (real models
 	$(PYTEST) tests/unit_tests --disable-socket --allow-unix-socket
 	$(PYTEST) tests/integration_tests
 
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q -c constraints.txt -e ".[all]" --group kit \
+		langchain-community matplotlib
+	@touch $@
+
+bench: models llama-server $(BENCH_VENV)/.installed ## Wrapper cost vs raw runtimes and langchain_community (writes docs/benchmarks.md)
+	$(BENCH_VENV)/bin/python scripts/bench.py
+
 lint: install ## ruff + mypy
 	$(PY) -m ruff check langchain_localllms tests modelkit scripts
 	$(PY) -m ruff format --check langchain_localllms
@@ -53,5 +64,5 @@ format: install ## Format the code
 	$(PY) -m ruff format langchain_localllms tests modelkit scripts
 	$(PY) -m ruff check --fix langchain_localllms tests modelkit scripts
 
-clean: ## Remove the virtualenv (the model cache stays)
-	rm -rf $(VENV)
+clean: ## Remove the virtualenvs (the model cache stays)
+	rm -rf $(VENV) $(BENCH_VENV)

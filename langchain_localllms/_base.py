@@ -72,9 +72,7 @@ def identity_value(value: Any) -> Any:
 class LocalLLM(BaseLLM):
     """Base class of every runtime in this package (not used directly)."""
 
-    model_config = ConfigDict(
-        extra="forbid", arbitrary_types_allowed=True, protected_namespaces=()
-    )
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
 
     stop: list[str] | None = None
     """Stop sequences: the answer ends before the first one (which is not included).
@@ -139,9 +137,7 @@ class LocalLLM(BaseLLM):
         params["stop"] = self.stop
         call = _CALL_OPTIONS.get()
         if call:
-            params["call_options"] = {
-                k: identity_value(v) for k, v in sorted(call.items())
-            }
+            params["call_options"] = {k: identity_value(v) for k, v in sorted(call.items())}
         return params
 
     def _ls_model_name(self) -> str:
@@ -151,9 +147,7 @@ class LocalLLM(BaseLLM):
         """What this runtime knows of its model (architecture, chat template, ...)."""
         return ModelInfo(runtime=self._llm_type, model=self._ls_model_name())
 
-    def _get_ls_params(
-        self, stop: list[str] | None = None, **kwargs: Any
-    ) -> LangSmithParams:
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = self._llm_type
         params["ls_model_name"] = self._ls_model_name()
@@ -223,7 +217,7 @@ class LocalLLM(BaseLLM):
         return {"model_name": self._ls_model_name()}
 
     # ----------------------------------------------------------- LangChain API
-    def generate(  # type: ignore[override]
+    def generate(
         self,
         prompts: list[str],
         stop: list[str] | None = None,
@@ -251,7 +245,7 @@ class LocalLLM(BaseLLM):
         finally:
             _CALL_OPTIONS.reset(token)
 
-    async def agenerate(  # type: ignore[override]
+    async def agenerate(
         self,
         prompts: list[str],
         stop: list[str] | None = None,
@@ -410,9 +404,7 @@ class _Assembler:
 
     def finish(self) -> GenerationChunk:
         text = "" if self._stops.stopped else self._stops.flush()
-        return GenerationChunk(
-            text=text, generation_info=self._tally.info(self._stops.matched)
-        )
+        return GenerationChunk(text=text, generation_info=self._tally.info(self._stops.matched))
 
 
 def _check_prompts(prompts: Any) -> None:
@@ -483,7 +475,7 @@ async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]
                 if close is not None:
                     close()
             put(True, _END)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+        except BaseException as e:
             put(False, e)
 
     worker = loop.run_in_executor(None, work)

@@ -153,7 +153,8 @@ def render_chat(
         msg = f"the chat template tried something the sandbox forbids: {e}"
         raise ChatTemplateError(msg) from e
     except jinja2.exceptions.TemplateError as e:
-        where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        lineno = getattr(e, "lineno", None)
+        where = f" (line {lineno})" if lineno else ""
         msg = f"the chat template is broken{where}: {e}"
         raise ChatTemplateError(msg) from e
     except Exception as e:
@@ -183,7 +184,8 @@ def register_format(name: str, *, families: Sequence[str] = ()) -> Callable[[str
 register_format("gemma", families=("gemma", "gemma2", "gemma3"))(
     "{% for m in messages if m['role'] != 'system' %}"
     "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-    "{% if loop.first and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "{% if loop.first and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] }}\n\n{% endif %}"
     "{{ m['content'] }}<end_of_turn>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
@@ -191,7 +193,8 @@ register_format("gemma", families=("gemma", "gemma2", "gemma3"))(
 register_format("llama-2", families=("llama2",))(
     "{% for m in messages if m['role'] != 'system' %}"
     "{% if m['role'] == 'user' %}[INST] "
-    "{% if loop.first and messages[0]['role'] == 'system' %}<<SYS>>\n{{ messages[0]['content'] }}\n<</SYS>>\n\n{% endif %}"
+    "{% if loop.first and messages[0]['role'] == 'system' %}"
+    "<<SYS>>\n{{ messages[0]['content'] }}\n<</SYS>>\n\n{% endif %}"
     "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }} {% endif %}"
     "{% endfor %}"
 )
@@ -255,15 +258,14 @@ def chat_prompt(
     messages = [{"role": "user", "content": mark(user)}]
     if system:
         messages.insert(0, {"role": "system", "content": mark(system)})
-    kwargs = {"bos_token": info.bos_token, "eos_token": info.eos_token}
     try:
-        text = render_chat(fmt, messages, **kwargs)
+        text = render_chat(fmt, messages, bos_token=info.bos_token, eos_token=info.eos_token)
     except ChatTemplateError:
         if not system:
             raise
         # Some templates (Gemma's own) refuse a system role: say it in the user turn.
         merged = [{"role": "user", "content": mark(system) + "\n\n" + mark(user)}]
-        text = render_chat(fmt, merged, **kwargs)
+        text = render_chat(fmt, merged, bos_token=info.bos_token, eos_token=info.eos_token)
     if info.adds_bos and info.bos_token and text.startswith(info.bos_token):
         text = text[len(info.bos_token) :]  # the runtime adds it when tokenizing
     text = text.replace("{", "{{").replace("}", "}}")
@@ -284,7 +286,7 @@ class ModelPromptSelector:
         default_prompt: PromptTemplate,
         *,
         system: str | None = None,
-        conditionals: Sequence[tuple[Callable[[Any], bool], BasePromptTemplate]] = (),
+        conditionals: Sequence[tuple[Callable[[Any], bool], BasePromptTemplate[Any]]] = (),
         use_chat_format: bool = True,
     ) -> None:
         self.default_prompt = default_prompt
@@ -292,7 +294,7 @@ class ModelPromptSelector:
         self.conditionals = list(conditionals)
         self.use_chat_format = use_chat_format
 
-    def get_prompt(self, llm: Any) -> BasePromptTemplate:
+    def get_prompt(self, llm: Any) -> BasePromptTemplate[Any]:
         """The prompt to use with ``llm``."""
         for condition, prompt in self.conditionals:
             if condition(llm):

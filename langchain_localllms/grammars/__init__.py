@@ -67,9 +67,7 @@ class Grammar:
         """A grammar from a ``.gbnf`` file."""
         p = Path(path).expanduser()
         if not p.is_file():
-            msg = f"grammar file not found: {p}" + (
-                " (it is a directory)" if p.is_dir() else ""
-            )
+            msg = f"grammar file not found: {p}" + (" (it is a directory)" if p.is_dir() else "")
             raise FileNotFoundError(msg)
         return cls(gbnf=p.read_text(encoding="utf-8"), name=str(p))
 
@@ -282,9 +280,7 @@ class _Parser:
                 self.space(nested)
                 if t.startswith("::=", self.i):
                     self.i = pos
-                    raise self.fail(
-                        "a new rule starts here: end the previous rule with a newline"
-                    )
+                    raise self.fail("a new rule starts here: end the previous rule with a newline")
                 self.used.setdefault(ref, pos)
                 last_ok = True
                 continue

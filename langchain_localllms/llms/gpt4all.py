@@ -102,9 +102,12 @@ class GPT4All(LocalLLM):
     )  # fmt: skip
     _temperature_field: ClassVar[str | None] = "temp"
     _refused: ClassVar[dict[str, str]] = {
-        name: "the GPT4All engine has no such setting; remove it"
-        for name in ("seed", "n_parts", "f16_kv", "logits_all", "vocab_only", "use_mlock", "embedding")
-    } | {"echo": "the GPT4All engine cannot return the prompt; prepend it yourself"}
+        **dict.fromkeys(
+            ("seed", "n_parts", "f16_kv", "logits_all", "vocab_only", "use_mlock", "embedding"),
+            "the GPT4All engine has no such setting; remove it",
+        ),
+        "echo": "the GPT4All engine cannot return the prompt; prepend it yourself",
+    }
 
     _gpt4all: Any = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -175,7 +178,7 @@ class GPT4All(LocalLLM):
         pieces: queue.Queue[Any] = queue.Queue()
         stop = threading.Event()
         counts = {"prompt": 0, "completion": 0}
-        raw_decoder = type(engine)._callback_decoder  # noqa: SLF001
+        raw_decoder = type(engine)._callback_decoder
 
         def count_prompt(token_id: int) -> bool:
             counts["prompt"] += 1
@@ -214,12 +217,12 @@ class GPT4All(LocalLLM):
                     reset_context=True,
                 )
                 pieces.put(_DONE)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            except BaseException as e:
                 pieces.put(e)
 
         with self._lock:
-            engine._prompt_callback = count_prompt  # noqa: SLF001
-            engine._callback_decoder = count_completion  # noqa: SLF001
+            engine._prompt_callback = count_prompt
+            engine._callback_decoder = count_completion
             worker = threading.Thread(target=work, name="gpt4all-generate", daemon=True)
             worker.start()
             try:
@@ -234,7 +237,9 @@ class GPT4All(LocalLLM):
             finally:
                 stop.set()
                 worker.join()
-                del engine._prompt_callback, engine._callback_decoder  # noqa: SLF001
+                del engine._prompt_callback, engine._callback_decoder
                 tally.prompt_tokens = counts["prompt"]
                 tally.completion_tokens = counts["completion"]
-                tally.finish_reason = "length" if counts["completion"] >= p["max_tokens"] else "stop"
+                tally.finish_reason = (
+                    "length" if counts["completion"] >= p["max_tokens"] else "stop"
+                )

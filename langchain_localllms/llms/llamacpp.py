@@ -191,10 +191,7 @@ class LlamaCpp(LocalLLM):
         }  # fmt: skip
         unknown = sorted(set(self.model_kwargs) - accepted)
         if unknown:
-            msg = (
-                f"model_kwargs has keys llama_cpp.Llama does not take: "
-                f"{', '.join(unknown)}"
-            )
+            msg = f"model_kwargs has keys llama_cpp.Llama does not take: {', '.join(unknown)}"
             raise ValueError(msg)
         kwargs.update(self.model_kwargs)
         if kwargs.get("vocab_only"):
@@ -235,7 +232,7 @@ class LlamaCpp(LocalLLM):
     def model_info(self) -> ModelInfo:
         """Architecture, name and chat template from the GGUF metadata."""
         md = self._llm.metadata
-        vocab = self._llm._model  # noqa: SLF001 - llama-cpp-python's model wrapper
+        vocab = self._llm._model
 
         def text(token: int) -> str:
             return str(vocab.token_get_text(token)) if token >= 0 else ""
@@ -320,7 +317,7 @@ class LlamaCpp(LocalLLM):
             try:
                 tally.finish_reason = "length"
                 for token in steps:
-                    if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):  # noqa: SLF001
+                    if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                         tally.finish_reason = "stop"
                         break
                     tally.completion_tokens += 1
