@@ -35,6 +35,7 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseLLM
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.runnables import Runnable, RunnableLambda
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from langchain_localllms._stop import StopStream, check_stops
@@ -162,6 +163,29 @@ class LocalLLM(BaseLLM):
         if stop or self.stop:
             params["ls_stop"] = stop or self.stop
         return params
+
+    def with_grammar(self, grammar: Any) -> Runnable[Any, Any]:
+        """A runnable that constrains decoding with ``grammar`` and parses the answer.
+
+        ``grammar`` is anything ``Grammar.coerce`` takes; a pydantic model class gives
+        instances of it, a JSON schema or a built-in JSON grammar gives parsed JSON.
+
+        Example:
+            .. code-block:: python
+
+                class Person(pydantic.BaseModel):
+                    name: str
+                    age: int
+
+                person = llm.with_grammar(Person).invoke("Describe a person in JSON:")
+        """
+        from langchain_localllms.grammars import Grammar
+
+        if "grammar" not in (*self._call_fields, *self._call_only):
+            msg = f"{type(self).__name__} cannot constrain decoding with a grammar"
+            raise NotImplementedError(msg)
+        g = Grammar.coerce(grammar)
+        return self.bind(grammar=g) | RunnableLambda(g.parse, name="parse_grammar_output")
 
     # ------------------------------------------------------------ call options
     def _check_call_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:

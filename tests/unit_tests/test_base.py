@@ -156,3 +156,26 @@ def test_abandoned_sync_stream_stops_the_runtime():
 def test_batch_keeps_order_with_concurrency():
     llm = scripted(answers={"a": ["1"], "b": ["2"], "c": ["3"]}, max_concurrency=3, delay=0.01)
     assert llm.batch(["a", "b", "c"]) == ["1", "2", "3"]
+
+
+def test_with_grammar_binds_and_parses():
+    import pydantic
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+
+    seen = {}
+
+    class Capture(ScriptedLLM):
+        def _pieces(self, prompt, call, tally):
+            seen["grammar"] = call.params.get("grammar")
+            yield from super()._pieces(prompt, call, tally)
+
+    ScriptedLLM.closed.clear()
+    llm = Capture(pieces=['{"name": "Ada", ', '"age": 36}'])
+    person = llm.with_grammar(Person).invoke("Describe a person")
+    assert person == Person(name="Ada", age=36)
+    assert seen["grammar"].model is Person
+    with pytest.raises(pydantic.ValidationError):
+        Capture(pieces=['{"name": "Ada"}']).with_grammar(Person).invoke("x")
