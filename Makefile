@@ -7,10 +7,10 @@ PY := $(VENV)/bin/python
 export LOCALLLMS_CACHE ?= $(HOME)/.cache/langchain-localllms
 # llama-cpp-python compiles from source; the multimodal part is not used here.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
-KIT_MODELS := gemma-gguf gemma-hf gemma-ct2 gemma-ct2-int8 tiny-hf tiny-gguf tiny-ct2 tiny-chat-hf tiny-chat-gguf
+KIT_MODELS := gemma-gguf gemma-hf gemma-ct2 gemma-ct2-int8 gemma-ov gemma-ov-int8 tiny-hf tiny-gguf tiny-ct2 tiny-ov tiny-chat-hf tiny-chat-gguf
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help install models llama-server demo test unit integration bench lint format clean
+.PHONY: help install openvino-env models llama-server demo test unit integration bench lint format clean
 
 help: ## Show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,7 +24,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed ## Create .venv with every runtime and the test tools
 
-models: install ## Build the offline models (cached in $LOCALLLMS_CACHE)
+# OpenVINO needs its own environment: optimum-intel 2.2.0 caps transformers (see
+# constraints-openvino.txt); its torchvision dependency breaks against torch 2.13.0
+# ("operator torchvision::nms does not exist") and nothing here needs it.
+OV_VENV ?= .venv-openvino
+$(OV_VENV)/.installed: pyproject.toml constraints-openvino.txt
+	@echo "== creating $(OV_VENV) (OpenVINO, transformers 5.0.0)"
+	$(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OV_VENV)/bin/python -m pip install -q -c constraints-openvino.txt -e ".[openvino,classic]" --group test
+	$(OV_VENV)/bin/python -m pip uninstall -q -y torchvision
+	@touch $@
+
+openvino-env: $(OV_VENV)/.installed ## Create .venv-openvino (optimum-intel, its own transformers)
+
+models: install openvino-env ## Build the offline models (cached in $LOCALLLMS_CACHE)
 	$(PY) -m modelkit prepare $(KIT_MODELS)
 
 llama-server: install ## Build llama.cpp's HTTP server from the llama-cpp-python sdist (cached)
@@ -65,4 +79,4 @@ format: install ## Format the code
 	$(PY) -m ruff check --fix langchain_localllms tests modelkit scripts
 
 clean: ## Remove the virtualenvs (the model cache stays)
-	rm -rf $(VENV) $(BENCH_VENV)
+	rm -rf $(VENV) $(BENCH_VENV) $(OV_VENV)

