@@ -34,6 +34,8 @@ class Tally:
     finish_reason: str | None = None
     prompt_ms: float | None = None
     completion_ms: float | None = None
+    stop_sequence: str | None = None
+    """Set by a runtime whose server applied a stop sequence itself and named it."""
     extra: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     first_piece: float | None = None
@@ -45,6 +47,8 @@ class Tally:
 
     def info(self, stop_sequence: str | None) -> dict[str, Any]:
         """Build ``generation_info``; a stop found by us overrides the runtime's reason."""
+        if stop_sequence is None:
+            stop_sequence = self.stop_sequence
         now = time.perf_counter()
         prompt_ms = self.prompt_ms
         completion_ms = self.completion_ms

@@ -1,0 +1,615 @@
+"""Real servers for the integration tests and the docs pages.
+
+* :func:`llama_server` — llama.cpp's own HTTP server (``llama-server``, what a
+  llamafile embeds), built from the llama-cpp-python sdist by
+  ``scripts/build_llama_server.sh``, serving the Gemma GGUF with 4 parallel slots.
+* :func:`ollama_server` — a loopback server speaking Ollama's HTTP API as
+  ``/work/shared/CONTRACTS.md`` gives it (status codes, NDJSON framing, final metrics
+  in nanoseconds, ``{"error"}`` lines, 404 for an unknown model, ``/api/show``,
+  ``/api/tags``, ``/api/version``), generating real tokens with llama-cpp-python on
+  the Gemma GGUF. No Ollama binary can be installed on these machines; with a real
+  one, set ``OLLAMA_BASE_URL`` and the tests in ``test_ollama.py`` also run against it.
+
+Each server starts once per process (the first call) and stops when it exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import codecs
+import hashlib
+import json
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from langchain_localllms._stop import StopStream
+
+ROOT = Path(__file__).resolve().parents[2]
+#: The name the loopback Ollama serves Gemma-3-270M under.
+GEMMA = "gemma3:270m"
+_STARTED: dict[str, Any] = {}
+_START_LOCK = threading.Lock()
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gemma_gguf() -> Path:
+    """The Gemma-3-270M GGUF of the model kit (built on first use)."""
+    import modelkit
+
+    return Path(modelkit.prepare("gemma-gguf"))
+
+
+def _once(name: str, start: Any) -> Any:
+    with _START_LOCK:
+        if name not in _STARTED:
+            server = start()
+            atexit.register(server.stop)
+            _STARTED[name] = server
+        return _STARTED[name]
+
+
+def llama_server() -> LlamaServer:
+    """The llama.cpp server of this process (started on first call, 4 slots)."""
+    return _once("llama-server", lambda: LlamaServer(gemma_gguf()))
+
+
+def ollama_server() -> OllamaLoopback:
+    """The loopback Ollama server of this process, serving Gemma as ``gemma3:270m``."""
+    return _once("ollama", lambda: OllamaLoopback({GEMMA: gemma_gguf()}))
+
+
+def one_shot_server(reply: bytes) -> str:
+    """A loopback server that reads one request, sends ``reply`` (raw bytes: status
+    line, headers, body) and drops the connection: a server that dies mid-answer."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                while len(body) < length:
+                    body += conn.recv(65536)
+                conn.sendall(reply)
+                conn.shutdown(socket.SHUT_RDWR)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{port}"
+
+
+def chunked(*chunks: bytes) -> bytes:
+    """HTTP/1.1 chunked framing of ``chunks`` (without the final empty chunk)."""
+    return b"".join(f"{len(c):X}\r\n".encode() + c + b"\r\n" for c in chunks)
+
+
+# ------------------------------------------------------------------ llama-server
+def llama_server_binary() -> Path:
+    """Path of ``llama-server``, built (once, cached) by the project's script."""
+    script = ROOT / "scripts" / "build_llama_server.sh"
+    out = subprocess.run([str(script), sys.executable], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        msg = f"building llama-server failed:\n{out.stderr[-3000:]}"
+        raise RuntimeError(msg)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+class LlamaServer:
+    """``llama-server`` on a free loopback port; ``url`` is its base URL.
+
+    Args:
+        model: The GGUF file to serve.
+        parallel: Server slots (requests decoded together).
+        ctx: Context of all slots together (each gets ``ctx / parallel``).
+        threads: CPU threads.
+    """
+
+    def __init__(self, model: Path, *, parallel: int = 4, ctx: int = 4096, threads: int = 2):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.parallel = parallel
+        self.log = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
+        cmd = [
+            str(llama_server_binary()), "-m", str(model), "--host", "127.0.0.1",
+            "--port", str(self.port), "--parallel", str(parallel), "-c", str(ctx),
+            "--threads", str(threads), "--no-webui",
+        ]  # fmt: skip
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self._wait_ready(timeout=180)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                msg = f"llama-server exited with {self.proc.returncode}:\n{self.log_tail()}"
+                raise RuntimeError(msg)
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        msg = f"llama-server was not ready within {timeout} s:\n{self.log_tail()}"
+        raise RuntimeError(msg)
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------- Ollama loopback
+_DEFAULT_TEMPLATE = "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
+_IF = re.compile(r"\{\{-?\s*if\s+\.(\w+)\s*-?\}\}(.*?)\{\{-?\s*end\s*-?\}\}", re.S)
+_VAR = re.compile(r"\{\{-?\s*\.(\w+)\s*-?\}\}")
+#: The option keys Ollama knows (CONTRACTS.md); others are ignored with a warning.
+KNOWN_OPTIONS = frozenset(
+    [
+        "num_keep",
+        "seed",
+        "num_predict",
+        "top_k",
+        "top_p",
+        "min_p",
+        "typical_p",
+        "repeat_last_n",
+        "temperature",
+        "repeat_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "stop",
+        "num_ctx",
+        "num_batch",
+        "num_gpu",
+        "main_gpu",
+        "use_mmap",
+        "num_thread",
+    ]
+)
+
+
+def render_template(template: str, values: dict[str, str]) -> str:
+    """The subset of Go templates a plain-completion Modelfile uses:
+    ``{{ .Name }}`` and ``{{ if .Name }}...{{ end }}`` (no nesting)."""
+    out = _IF.sub(lambda m: m.group(2) if values.get(m.group(1)) else "", template)
+    out = _VAR.sub(lambda m: values.get(m.group(1), ""), out)
+    if "{{" in out:
+        msg = "template: this loopback server renders only {{ .Var }} and {{ if .Var }}...{{ end }}"
+        raise ValueError(msg)
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class _Fail(Exception):
+    """An error reply: HTTP status and Ollama's ``{"error": ...}`` text."""
+
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+class OllamaLoopback:
+    """A loopback server that speaks Ollama's HTTP API, backed by llama-cpp-python.
+
+    Like Ollama with ``OLLAMA_NUM_PARALLEL=1``, it generates one answer at a time and
+    queues the others. Tests can look at ``requests`` (what arrived), make the next
+    generation fail with :meth:`inject`, and demand basic auth with ``require_auth``.
+
+    Args:
+        models: Model names (``name:tag``) and the GGUF files behind them.
+        n_ctx: Context size of each loaded model.
+        threads: CPU threads for generation.
+    """
+
+    def __init__(self, models: dict[str, Path], *, n_ctx: int = 2048, threads: int = 2):
+        self.models = {_full_name(k): Path(v) for k, v in models.items()}
+        self.n_ctx = n_ctx
+        self.threads = threads
+        self.requests: list[dict[str, Any]] = []
+        self.warnings: list[str] = []
+        self.require_auth: tuple[str, str] | None = None
+        self._faults: list[tuple[str, int]] = []
+        self._loaded: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.app = self  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def inject(self, fault: str, *, after: int = 2) -> None:
+        """Make the next generation fail after ``after`` pieces: ``"error"`` sends an
+        ``{"error": ...}`` line (status 200, as Ollama does when a runner fails),
+        ``"cut"`` drops the connection without finishing the reply."""
+        if fault not in ("error", "cut"):
+            msg = f"unknown fault {fault!r}"
+            raise ValueError(msg)
+        self._faults.append((fault, after))
+
+    # ------------------------------------------------------------------- routes
+    def tags(self) -> dict[str, Any]:
+        return {"models": [self._summary(name) for name in self.models]}
+
+    def show(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = self._model(body.get("model") or body.get("name"))
+        return {
+            "license": "Gemma Terms of Use",
+            "modelfile": f"FROM {self.models[name]}\nTEMPLATE {json.dumps(_DEFAULT_TEMPLATE)}\n",
+            "parameters": "",
+            "template": _DEFAULT_TEMPLATE,
+            "details": self._details(),
+            "model_info": {
+                "general.architecture": "gemma3",
+                "general.parameter_count": 268098176,
+                "gemma3.context_length": 32768,
+            },
+            "capabilities": ["completion"],
+            "modified_at": _now(),
+        }
+
+    def generate(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The messages of one ``/api/generate`` reply (the last has ``done: true``)."""
+        name = self._model(body.get("model"))
+        prompt = body.get("prompt") or ""
+        if not isinstance(prompt, str):
+            raise _Fail(400, "json: cannot unmarshal prompt into a string")
+        if body.get("think"):
+            raise _Fail(400, f'"{body["model"]}" does not support thinking')
+        if body.get("suffix"):
+            raise _Fail(400, f"{name} does not support insert")
+        if body.get("images"):
+            raise _Fail(400, f"{name} does not support image input")
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise _Fail(400, "json: cannot unmarshal options into an object")
+        for key in sorted(set(options) - KNOWN_OPTIONS):
+            self.warnings.append(f"invalid option provided: {key}")
+        grammar = self._grammar(body.get("format"))
+        if not prompt:
+            unload = body.get("keep_alive") in (0, "0", "0s", "0m")
+            if unload:
+                self._loaded.pop(name, None)
+            yield {
+                "model": body["model"], "created_at": _now(), "response": "", "done": True,
+                "done_reason": "unload" if unload else "load",
+            }  # fmt: skip
+            return
+        raw = bool(body.get("raw"))
+        text = prompt
+        if not raw:
+            try:
+                text = render_template(
+                    body.get("template") or _DEFAULT_TEMPLATE,
+                    {"System": body.get("system") or "", "Prompt": prompt},
+                )
+            except ValueError as e:
+                raise _Fail(400, str(e)) from e
+        fault = self._faults.pop(0) if self._faults else None
+        with self._lock:
+            yield from self._run(name, body["model"], text, options, grammar, raw, fault)
+        if body.get("keep_alive") in (0, "0", "0s", "0m"):
+            self._loaded.pop(name, None)
+
+    # ------------------------------------------------------------------ helpers
+    def _model(self, model: Any) -> str:
+        if not model or not isinstance(model, str):
+            raise _Fail(400, "model is required")
+        name = _full_name(model)
+        if name not in self.models:
+            raise _Fail(404, f"model '{model}' not found")
+        return name
+
+    def _details(self) -> dict[str, Any]:
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "gemma3",
+            "families": ["gemma3"],
+            "parameter_size": "268.10M",
+            "quantization_level": "Q4_K_M",
+        }
+
+    def _summary(self, name: str) -> dict[str, Any]:
+        path = self.models[name]
+        size = path.stat().st_size
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": _now(),
+            "size": size,
+            "digest": hashlib.sha256(f"{path}:{size}".encode()).hexdigest(),
+            "details": self._details(),
+        }
+
+    def _grammar(self, fmt: Any) -> Any:
+        if fmt is None or fmt == "":
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        if fmt == "json":
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        if not isinstance(fmt, dict):
+            raise _Fail(
+                400, f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON schema'
+            )
+        try:
+            return LlamaGrammar.from_json_schema(json.dumps(fmt), verbose=False)
+        except Exception as e:
+            raise _Fail(400, f"invalid JSON schema in format: {e}") from e
+
+    def _llama(self, name: str) -> tuple[Any, int]:
+        """The loaded model and the nanoseconds its loading took now (0: was loaded)."""
+        if name in self._loaded:
+            return self._loaded[name], 0
+        import llama_cpp
+
+        t0 = time.perf_counter_ns()
+        llama = llama_cpp.Llama(
+            model_path=str(self.models[name]), n_ctx=self.n_ctx, n_threads=self.threads,
+            n_threads_batch=self.threads, verbose=False,
+        )  # fmt: skip
+        self._loaded[name] = llama
+        return llama, time.perf_counter_ns() - t0
+
+    def _run(
+        self,
+        name: str,
+        model: str,
+        text: str,
+        options: dict[str, Any],
+        grammar: Any,
+        raw: bool,
+        fault: tuple[str, int] | None,
+    ) -> Iterator[dict[str, Any]]:
+        import llama_cpp
+
+        start = time.perf_counter_ns()
+        llama, load_ns = self._llama(name)
+        tokens = llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        room = self.n_ctx - 1
+        if len(tokens) >= room:  # Ollama keeps num_keep tokens and the end of the prompt
+            keep = int(options.get("num_keep") or 1)
+            tokens = tokens[:keep] + tokens[-(room // 2 - keep) :]
+        limit = int(options.get("num_predict", -1))
+        if limit < 0:
+            limit = self.n_ctx - len(tokens)
+        seed = options.get("seed")
+        llama.set_seed(int(seed) if seed is not None and seed >= 0 else random.randrange(2**31))
+        stops = StopStream(options.get("stop") or [])
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        steps = llama.generate(
+            tokens,
+            top_k=int(options.get("top_k", 40)),
+            top_p=float(options.get("top_p", 0.9)),
+            min_p=float(options.get("min_p", 0.0)),
+            typical_p=float(options.get("typical_p", 1.0)),
+            temp=float(options.get("temperature", 0.8)),
+            repeat_penalty=float(options.get("repeat_penalty", 1.1)),
+            presence_penalty=float(options.get("presence_penalty", 0.0)),
+            frequency_penalty=float(options.get("frequency_penalty", 0.0)),
+            grammar=grammar,
+        )
+        generated: list[int] = []
+        first_ns = None
+        reason = "length"
+        pieces = 0
+        try:
+            while len(generated) < limit:
+                token = next(steps, None)
+                if first_ns is None:
+                    first_ns = time.perf_counter_ns()
+                if token is None or llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
+                    reason = "stop"
+                    break
+                generated.append(token)
+                piece = stops.push(decoder.decode(llama.detokenize([token])))
+                if piece:
+                    if fault is not None and pieces >= fault[1]:
+                        yield {"__fault__": fault[0]}
+                        return
+                    pieces += 1
+                    yield {"model": model, "created_at": _now(), "response": piece, "done": False}
+                if stops.stopped:
+                    reason = "stop"
+                    break
+            tail = (
+                "" if stops.stopped else stops.push(decoder.decode(b"", final=True)) + stops.flush()
+            )
+            if tail:
+                yield {"model": model, "created_at": _now(), "response": tail, "done": False}
+        finally:
+            steps.close()
+        end = time.perf_counter_ns()
+        first_ns = first_ns or end
+        final: dict[str, Any] = {
+            "model": model,
+            "created_at": _now(),
+            "response": "",
+            "done": True,
+            "done_reason": reason,
+            "total_duration": end - start,
+            "load_duration": load_ns,
+            "prompt_eval_count": len(tokens),
+            "prompt_eval_duration": max(first_ns - start - load_ns, 1),
+            "eval_count": len(generated),
+            "eval_duration": max(end - first_ns, 1),
+        }
+        if not raw:
+            final["context"] = [int(t) for t in tokens] + generated
+        yield final
+
+
+def _full_name(model: str) -> str:
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "OllamaLoopback"
+
+    @property
+    def app(self) -> OllamaLoopback:
+        return self.server.app  # type: ignore[attr-defined,no-any-return]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    # ---------------------------------------------------------------- plumbing
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json; charset=utf-8")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _record(self, body: Any) -> None:
+        self.app.requests.append(
+            {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+        )
+        del self.app.requests[:-50]
+
+    def _authorized(self) -> bool:
+        need = self.app.require_auth
+        if need is None:
+            return True
+        token = base64.b64encode(f"{need[0]}:{need[1]}".encode()).decode()
+        if self.headers.get("Authorization") == f"Basic {token}":
+            return True
+        self._send(401, b"Unauthorized", "text/plain; charset=utf-8")
+        return False
+
+    # ------------------------------------------------------------------ routes
+    def do_GET(self) -> None:
+        self._record(None)
+        if not self._authorized():
+            return
+        if self.path == "/":
+            self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
+        elif self.path == "/api/version":
+            self._json(200, {"version": "0.12.0"})
+        elif self.path == "/api/tags":
+            self._json(200, self.app.tags())
+        else:
+            self._send(404, b"404 page not found", "text/plain; charset=utf-8")
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            self._record(raw)
+            self._json(400, {"error": "invalid character in request body"})
+            return
+        self._record(body)
+        if not self._authorized():
+            return
+        try:
+            if self.path == "/api/show":
+                self._json(200, self.app.show(body))
+            elif self.path == "/api/generate":
+                self._generate(body)
+            else:
+                self._send(404, b"404 page not found", "text/plain; charset=utf-8")
+        except _Fail as e:
+            self._json(e.status, {"error": e.error})
+
+    def _generate(self, body: dict[str, Any]) -> None:
+        messages = self.app.generate(body)
+        first = next(messages)  # errors in the request surface here, before any reply
+        try:
+            if first.get("done") or body.get("stream") is False:
+                self._whole(first, messages)
+            else:
+                self._stream(first, messages)
+        except OSError:  # the client went away: stop generating, as Ollama does
+            self.close_connection = True
+        finally:
+            messages.close()  # ends generation and frees the model for the next request
+
+    def _whole(self, first: dict[str, Any], messages: Iterator[dict[str, Any]]) -> None:
+        """``"stream": false``: one JSON object holding the whole answer."""
+        text, final = "", None
+        for message in _chain(first, messages):
+            if "__fault__" in message:
+                self._json(500, {"error": "an error was encountered while running the model"})
+                return
+            text += message.get("response", "")
+            final = message
+        assert final is not None
+        self._json(200, {**final, "response": text})
+
+    def _stream(self, first: dict[str, Any], messages: Iterator[dict[str, Any]]) -> None:
+        """NDJSON in HTTP chunks, one message per line, as Ollama streams."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for message in _chain(first, messages):
+            if message.get("__fault__") == "cut":  # die mid-answer: no final chunk
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if message.get("__fault__") == "error":  # Ollama: an error line, status 200
+                message = {"error": "an error was encountered while running the model: EOF"}
+            self._chunk(json.dumps(message).encode() + b"\n")
+            if "error" in message:
+                break
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    yield first
+    yield from rest
