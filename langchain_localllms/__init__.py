@@ -11,7 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from langchain_localllms.grammars import Grammar
+    from langchain_localllms._http import (
+        BadRequestError,
+        IncompleteResponseError,
+        NotFoundError,
+        ServerError,
+    )
+    from langchain_localllms.grammars import Grammar, GrammarSyntaxError
     from langchain_localllms.llms.ctranslate2 import CTranslate2
     from langchain_localllms.llms.gpt4all import GPT4All
     from langchain_localllms.llms.huggingface_pipeline import HuggingFacePipeline
@@ -20,16 +26,26 @@ if TYPE_CHECKING:
     from langchain_localllms.llms.ollama import Ollama
 
 __all__ = [
+    "BadRequestError",
     "CTranslate2",
     "GPT4All",
     "Grammar",
+    "GrammarSyntaxError",
     "HuggingFacePipeline",
+    "IncompleteResponseError",
     "LlamaCpp",
     "Llamafile",
+    "NotFoundError",
     "Ollama",
+    "ServerError",
 ]
 
 _EXPORTS = {
+    "BadRequestError": "langchain_localllms._http",
+    "IncompleteResponseError": "langchain_localllms._http",
+    "NotFoundError": "langchain_localllms._http",
+    "ServerError": "langchain_localllms._http",
+    "GrammarSyntaxError": "langchain_localllms.grammars",
     "CTranslate2": "langchain_localllms.llms.ctranslate2",
     "GPT4All": "langchain_localllms.llms.gpt4all",
     "Grammar": "langchain_localllms.grammars",
