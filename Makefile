@@ -38,6 +38,7 @@ $(OV_VENV)/.installed: pyproject.toml constraints-openvino.txt
 	$(PYTHON) -m venv $(OV_VENV)
 	$(OV_VENV)/bin/python -m pip install -q --upgrade pip
 	$(OV_VENV)/bin/python -m pip install -q -c constraints-openvino.txt -e ".[openvino,classic]" --group test
+	$(OV_VENV)/bin/python -m pip install -q -c constraints-openvino.txt --no-deps xgrammar==0.2.8 apache-tvm-ffi
 	$(OV_VENV)/bin/python -m pip uninstall -q -y torchvision
 	@touch $@
 
@@ -57,11 +58,15 @@ unit: install ## Unit tests (no network, no models)
 	$(PYTEST) tests/unit_tests --disable-socket --allow-unix-socket
 
 integration: install models llama-server ## Integration tests on real models and loopback servers
-	$(PYTEST) tests/integration_tests
+	$(PYTEST) tests/integration_tests --ignore=tests/integration_tests/test_openvino.py
+	LOCALLLMS_DOCS_ENV=openvino $(OV_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/integration_tests/test_openvino.py tests/integration_tests/test_docs.py
 
 test: install models llama-server ## Everything: unit + integration (real models) + docs
 	$(PYTEST) tests/unit_tests --disable-socket --allow-unix-socket
-	$(PYTEST) tests/integration_tests
+	$(PYTEST) tests/integration_tests --ignore=tests/integration_tests/test_openvino.py
+	LOCALLLMS_DOCS_ENV=openvino $(OV_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/integration_tests/test_openvino.py tests/integration_tests/test_docs.py
 
 BENCH_VENV ?= .venv-bench
 $(BENCH_VENV)/.installed: pyproject.toml constraints.txt

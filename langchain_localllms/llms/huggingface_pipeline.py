@@ -15,7 +15,7 @@ The class keeps the API of ``langchain_huggingface.HuggingFacePipeline`` (and of
 * ``grammar=`` constrains decoding through an xgrammar logits mask.
 
 How a model is loaded is the only thing a backend changes (``_BACKENDS``): the default
-backend loads torch models with ``AutoModelFor*``; ``backend="openvino"`` will load
+backend loads torch models with ``AutoModelFor*``; ``backend="openvino"`` loads
 ``optimum.intel`` models, whose ``generate`` takes the same arguments.
 """
 
@@ -405,14 +405,84 @@ def _load_torch(req: LoadRequest) -> Any:
     return model
 
 
+_OV_WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+
+
 def _load_openvino(req: LoadRequest) -> Any:
-    """``backend="openvino"``: optimum-intel's OVModelFor* (not implemented yet)."""
-    msg = (
-        "backend='openvino' is not implemented yet in langchain-localllms (it is "
-        "planned: loading an exported OpenVINO directory or exporting one). Use "
-        "backend='default' (torch) for now."
-    )
-    raise NotImplementedError(msg)
+    """``backend="openvino"``: optimum-intel's ``OVModelFor*``.
+
+    ``model_id`` may be an exported OpenVINO directory (``openvino_model.xml``), or a
+    plain transformers directory, which is exported once (``weight_format`` in
+    ``model_kwargs``: fp32, fp16, int8 or int4) and cached under
+    ``$LOCALLLMS_CACHE/openvino``. ``model_kwargs`` ``device`` ("CPU", "GPU", ...) and
+    ``ov_config`` go to OpenVINO, as in LangChain's page.
+    """
+    intel = require("optimum.intel", feature='HuggingFacePipeline(backend="openvino")')
+    seq2seq = _is_seq2seq_task(req.task)
+    cls = intel.OVModelForSeq2SeqLM if seq2seq else intel.OVModelForCausalLM
+    kwargs = dict(req.load_kwargs)
+    kwargs.pop("trust_remote_code", None)  # exported graphs run no Python from the model
+    weight_format = kwargs.pop("weight_format", None)
+    if weight_format is not None and weight_format not in _OV_WEIGHT_FORMATS:
+        msg = f"weight_format={weight_format!r}: choose one of {', '.join(_OV_WEIGHT_FORMATS)}"
+        raise ValueError(msg)
+    device = kwargs.pop("device", None)
+    if device is None:
+        device = "CPU" if req.device in (None, -1, "cpu") else str(req.device).upper()
+    if req.device_map is not None:
+        msg = "device_map is for torch models; OpenVINO takes model_kwargs={'device': 'CPU'}"
+        raise ValueError(msg)
+    source = Path(req.source)
+    xml = "openvino_model.xml" if not seq2seq else "openvino_encoder_model.xml"
+    if not (source / xml).is_file():
+        source = _export_openvino(cls, source, weight_format)
+    elif weight_format is not None:
+        msg = (
+            f"{source} is already exported to OpenVINO; weight_format applies when "
+            "exporting a transformers directory (or use optimum-cli --weight-format)"
+        )
+        raise ValueError(msg)
+    try:
+        return cls.from_pretrained(str(source), device=device, **kwargs)
+    except RuntimeError as e:
+        msg = f"OpenVINO could not load {source} on device {device!r}: {e}"
+        raise ValueError(msg) from e
+
+
+def _export_openvino(cls: Any, source: Path, weight_format: str | None) -> Path:
+    """Export a transformers directory to OpenVINO once; return the cached export."""
+    import hashlib
+    import sys
+
+    if not source.is_dir():
+        msg = f"backend='openvino' exports local directories only; {source} is not one"
+        raise FileNotFoundError(msg)
+    config = source / "config.json"
+    stamp = f"{source.resolve()}|{config.stat().st_mtime_ns if config.is_file() else 0}"
+    key = hashlib.sha256(f"{stamp}|{weight_format}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LOCALLLMS_CACHE", Path.home() / ".cache" / "langchain-localllms"))
+    out = cache / "openvino" / f"{source.name}-{weight_format or 'fp32'}-{key}"
+    if (out / "openvino_model.xml").is_file() or (out / "openvino_encoder_model.xml").is_file():
+        return out
+    print(f"[langchain-localllms] exporting {source} to OpenVINO ({weight_format or 'fp32'}) "
+          f"-> {out} (once; later loads reuse it)", file=sys.stderr, flush=True)  # fmt: skip
+    options: dict[str, Any] = {"export": True, "compile": False}
+    if weight_format in ("int8", "int4"):
+        intel = require("optimum.intel", feature='HuggingFacePipeline(backend="openvino")')
+        options["quantization_config"] = intel.OVWeightQuantizationConfig(
+            bits=8 if weight_format == "int8" else 4
+        )
+    else:  # no automatic int8 compression of large models: fp32/fp16 as asked
+        options["load_in_8bit"] = False
+    model = cls.from_pretrained(str(source), **options)
+    if weight_format == "fp16":
+        model.half()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(str(tmp))
+    transformers = require("transformers")
+    transformers.AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(tmp))
+    tmp.rename(out)
+    return out
 
 
 #: backend name -> loader. A loader returns a model whose ``generate`` takes the
@@ -710,7 +780,7 @@ class HuggingFacePipeline(LocalLLM):
     """What the model does: one of ``VALID_TASKS`` (default: text-generation, or the
     pipeline's task)."""
     backend: str = "default"
-    """How the model is loaded: ``"default"`` (torch) or ``"openvino"`` (planned)."""
+    """How the model is loaded: ``"default"`` (torch) or ``"openvino"`` (optimum-intel)."""
     device: int | str | None = None
     """Where the loaded model runs: -1 or ``"cpu"``, an int n for ``cuda:n``, or a
     torch device string. Not together with ``device_map``."""
@@ -799,7 +869,7 @@ class HuggingFacePipeline(LocalLLM):
                 a Hub id (from the local cache, else downloaded if the Hub answers).
             task: ``"text-generation"``, ``"text2text-generation"``,
                 ``"summarization"`` or ``"translation"``.
-            backend: ``"default"`` (torch) or ``"openvino"`` (planned).
+            backend: ``"default"`` (torch) or ``"openvino"`` (optimum-intel).
             device: -1 or ``"cpu"``; n for ``cuda:n``; any torch device string.
             device_map: Accelerate's weight placement, e.g. ``"auto"``.
             model_kwargs: ``from_pretrained`` options, and generation parameters.

@@ -1,7 +1,12 @@
-"""Every Python block in docs/*.md runs, in order, one namespace per page."""
+"""Every Python block in docs/*.md runs, in order, one namespace per page.
+
+A page whose first line is ``<!-- runs-in: NAME -->`` runs in that environment only
+(``LOCALLLMS_DOCS_ENV=NAME``; e.g. ``openvino`` in .venv-openvino); others in ``main``.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -9,7 +14,17 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
-PAGES = sorted(p for p in DOCS.glob("*.md") if BLOCK.search(p.read_text()))
+ENV = os.environ.get("LOCALLLMS_DOCS_ENV", "main")
+
+
+def _runs_in(text: str) -> str:
+    m = re.match(r"<!-- runs-in: (\w+) -->", text)
+    return m.group(1) if m else "main"
+
+
+PAGES = sorted(
+    p for p in DOCS.glob("*.md") if BLOCK.search(p.read_text()) and _runs_in(p.read_text()) == ENV
+)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
