@@ -58,3 +58,13 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def progress(message: str) -> None:
+    """Tell the user about slow one-time work (a model conversion): log it and print it."""
+    import logging
+    import sys
+
+    logging.getLogger("langchain_localllms").info(message)
+    sys.stderr.write(f"[langchain-localllms] {message}\n")
+    sys.stderr.flush()

@@ -39,6 +39,7 @@ from langchain_core.outputs import Generation
 from pydantic import Field, PrivateAttr, field_validator
 
 from langchain_localllms._base import Call, LocalLLM
+from langchain_localllms._files import progress
 from langchain_localllms._imports import require
 from langchain_localllms._stop import truncate
 from langchain_localllms._usage import Tally
@@ -452,7 +453,6 @@ def _load_openvino(req: LoadRequest) -> Any:
 def _export_openvino(cls: Any, source: Path, weight_format: str | None) -> Path:
     """Export a transformers directory to OpenVINO once; return the cached export."""
     import hashlib
-    import sys
 
     if not source.is_dir():
         msg = f"backend='openvino' exports local directories only; {source} is not one"
@@ -464,8 +464,10 @@ def _export_openvino(cls: Any, source: Path, weight_format: str | None) -> Path:
     out = cache / "openvino" / f"{source.name}-{weight_format or 'fp32'}-{key}"
     if (out / "openvino_model.xml").is_file() or (out / "openvino_encoder_model.xml").is_file():
         return out
-    print(f"[langchain-localllms] exporting {source} to OpenVINO ({weight_format or 'fp32'}) "
-          f"-> {out} (once; later loads reuse it)", file=sys.stderr, flush=True)  # fmt: skip
+    progress(
+        f"exporting {source} to OpenVINO ({weight_format or 'fp32'}) -> {out} "
+        "(once; later loads reuse it)"
+    )
     options: dict[str, Any] = {"export": True, "compile": False}
     if weight_format in ("int8", "int4"):
         intel = require("optimum.intel", feature='HuggingFacePipeline(backend="openvino")')
