@@ -60,11 +60,12 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def progress(message: str) -> None:
-    """Tell the user about slow one-time work (a model conversion): log it and print it."""
+def progress(message: str, *, show: bool = True) -> None:
+    """Tell the user about slow one-time work (a model conversion): log it, print it."""
     import logging
     import sys
 
     logging.getLogger("langchain_localllms").info(message)
-    sys.stderr.write(f"[langchain-localllms] {message}\n")
-    sys.stderr.flush()
+    if show:
+        sys.stderr.write(f"[langchain-localllms] {message}\n")
+        sys.stderr.flush()

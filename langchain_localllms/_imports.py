@@ -17,12 +17,13 @@ _RUNTIMES: dict[str, tuple[str, str]] = {
 }
 
 
-def require(module: str, *, feature: str | None = None) -> ModuleType:
+def require(module: str, *, feature: str | None = None, extra: str | None = None) -> ModuleType:
     """Import an optional runtime, or raise an ``ImportError`` that says what to install.
 
     Args:
         module: Dotted module name, e.g. ``"llama_cpp"``.
         feature: What needs it, for the message (defaults to the module name).
+        extra: The extra of this package to name, where it is not the module's usual one.
 
     Returns:
         The imported module.
@@ -33,7 +34,8 @@ def require(module: str, *, feature: str | None = None) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        dist, extra = _RUNTIMES.get(module, (module, "all"))
+        dist, usual = _RUNTIMES.get(module, (module, "all"))
+        extra = extra or usual
         msg = (
             f"{feature or module} needs the `{dist}` package, which could not be "
             f"imported ({e}). Install it with: "

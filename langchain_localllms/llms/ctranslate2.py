@@ -6,10 +6,8 @@ import atexit
 import gc
 import hashlib
 import json
-import logging
 import os
 import shutil
-import sys
 import threading
 import time
 import weakref
@@ -22,6 +20,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from langchain_localllms._base import Call, LocalLLM, identity_value
 from langchain_localllms._files import model_dir
+from langchain_localllms._files import progress as report_progress
 from langchain_localllms._imports import require
 from langchain_localllms._stop import StopStream, truncate
 from langchain_localllms._usage import Tally
@@ -29,7 +28,6 @@ from langchain_localllms.prompts import ModelInfo
 
 __all__ = ["CTranslate2", "IncrementalDetokenizer", "conversion_key", "convert"]
 
-_log = logging.getLogger(__name__)
 
 #: What ``ctranslate2.Generator(compute_type=...)`` accepts.
 COMPUTE_TYPES = (
@@ -342,7 +340,9 @@ class CTranslate2(LocalLLM):
                 )
                 raise ValueError(msg)
             name = str(path)
-        transformers = require("transformers", feature="CTranslate2 (its tokenizer)")
+        transformers = require(
+            "transformers", feature="CTranslate2 (its tokenizer)", extra="ctranslate2"
+        )
         kwargs: dict[str, Any] = {}
         # transformers reads config.json to decide whether to warn about a bad Mistral
         # tokenizer regex; in a converted directory that is CTranslate2's config (no
@@ -926,10 +926,7 @@ def convert(
     target = root / f"{src.resolve().name}-{quantization or 'default'}-{key}"
 
     def report(msg: str) -> None:
-        _log.info(msg)
-        if progress:
-            sys.stderr.write(f"[langchain-localllms] {msg}\n")
-            sys.stderr.flush()
+        report_progress(msg, show=progress)
 
     if _is_converted(target) and not force:
         report(f"using the CTranslate2 conversion of {src} cached in {target}")
