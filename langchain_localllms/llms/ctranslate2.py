@@ -11,7 +11,7 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -19,6 +19,7 @@ from langchain_core.outputs import Generation
 from pydantic import Field, PrivateAttr, field_validator
 
 from langchain_localllms._base import Call, LocalLLM, identity_value
+from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms._files import model_dir
 from langchain_localllms._files import progress as report_progress
 from langchain_localllms._imports import require
@@ -26,7 +27,7 @@ from langchain_localllms._stop import StopStream, truncate
 from langchain_localllms._usage import Tally
 from langchain_localllms.prompts import ModelInfo
 
-__all__ = ["CTranslate2", "IncrementalDetokenizer", "conversion_key", "convert"]
+__all__ = ["CTranslate2", "conversion_key", "convert"]
 
 
 #: What ``ctranslate2.Generator(compute_type=...)`` accepts.
@@ -70,7 +71,6 @@ _GRAMMAR_ERROR = (
 
 #: How many prompt tokens the detokenizer decodes along with the first answer
 #: tokens, so the answer starts as a continuation (with its leading space).
-_CONTEXT_TOKENS = 5
 
 
 class CTranslate2(LocalLLM):
@@ -723,66 +723,6 @@ def _release_generators() -> None:
 
 
 # ------------------------------------------------------------------ detokenizing
-class IncrementalDetokenizer:
-    """Turn token ids into text one id at a time, exactly as one decode would.
-
-    Each step decodes a short window (the last ids already shown plus the new ones)
-    and emits what the new ids add. Pieces that end in U+FFFD (a UTF-8 sequence
-    split over several byte tokens) are held until the next id completes them, and
-    the window starts with a few prompt tokens so that the first piece keeps its
-    leading space (tokenizers strip it from the start of a decode).
-
-    The joined pieces equal one decode of all the ids, with one exception: where the
-    model emits byte tokens that are not valid UTF-8, a SentencePiece byte-fallback
-    decoder turns the whole run of byte tokens into U+FFFD, while the pieces keep the
-    characters already shown before the bad byte.
-
-    Args:
-        decode: ``ids -> text`` (special tokens skipped).
-        context: The ids before the first one pushed (the end of the prompt).
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], context: Sequence[int] = ()) -> None:
-        self._decode = decode
-        self._ids = list(context)[-_CONTEXT_TOKENS:] if _CONTEXT_TOKENS else []
-        self._start = 0  # first id of the window
-        self._shown = len(self._ids)  # ids whose text was already emitted
-
-    def push(self, token_id: int) -> str:
-        """Add one generated id; return the text it completes (maybe empty)."""
-        self._ids.append(token_id)
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        """End of generation: return any text still held back."""
-        return self._emit(final=True)
-
-    def text(self, ids: Sequence[int]) -> str:
-        """The text of ``ids`` all at once (what pushing each and flushing gives)."""
-        return "".join([self.push(i) for i in ids]) + self.flush()
-
-    def _emit(self, final: bool) -> str:
-        if self._shown == len(self._ids):
-            return ""
-        before = self._decode(self._ids[self._start : self._shown])
-        after = self._decode(self._ids[self._start :])
-        if not final and (len(after) <= len(before) or after.endswith("\ufffd")):
-            return ""
-        same = len(before) if after.startswith(before) else _common_prefix(before, after)
-        del self._ids[: self._shown]
-        self._start, self._shown = 0, len(self._ids)
-        return after[same:]
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class _StopWatch:
     """One prompt's text during a batch, to end its decoding at a stop sequence."""
 

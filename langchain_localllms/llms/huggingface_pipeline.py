@@ -39,6 +39,7 @@ from langchain_core.outputs import Generation
 from pydantic import Field, PrivateAttr, field_validator
 
 from langchain_localllms._base import Call, LocalLLM
+from langchain_localllms._detok import CONTEXT_TOKENS, IncrementalDetokenizer
 from langchain_localllms._files import progress
 from langchain_localllms._imports import require
 from langchain_localllms._stop import truncate
@@ -54,10 +55,6 @@ VALID_TASKS = ("text-generation", "text2text-generation", "summarization", "tran
 _SEQ2SEQ_TASKS = ("text2text-generation", "summarization", "translation")
 #: Answer length when neither the user, the model nor the pipeline sets one.
 _FALLBACK_MAX_NEW_TOKENS = 256
-#: Prompt tokens decoded in front of the answer, so that tokenizers which drop the
-#: leading space of a decoded text keep the answer's first space.
-_CONTEXT_TOKENS = 4
-
 #: Generation parameters that only matter when sampling.
 _SAMPLING_PARAMS = (
     "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
@@ -520,55 +517,6 @@ class _NoPipeline:
 
 
 # ------------------------------------------------------------- decode, stop
-class _Decoder:
-    """Turns generated ids into text pieces, decoding in context.
-
-    Each step decodes a few prompt tokens plus every new token and emits the text
-    past what was emitted, so a tokenizer that strips the leading space of a decoded
-    text keeps the answer's first space, and a character split over several byte
-    tokens is held back until it is complete. Batches decode through the same steps,
-    so a streamed answer joins to exactly the text a batch returns.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], context: list[int]) -> None:
-        self._decode = decode
-        self._context = context
-        self._context_text = decode(context) if context else ""
-        self._ids: list[int] = []
-        self._sent = 0
-
-    def _text(self) -> str:
-        if not self._context:
-            return self._decode(self._ids)
-        full = self._decode(self._context + self._ids)
-        if full.startswith(self._context_text):
-            return full[len(self._context_text) :]
-        return self._decode(self._ids)
-
-    def push(self, token: int) -> str:
-        """Add one new id; return the text it completes (may be empty)."""
-        self._ids.append(token)
-        text = self._text()
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
-            return ""
-        return self._take(text)
-
-    def flush(self) -> str:
-        """End of generation: whatever is left, incomplete characters included."""
-        return self._take(self._text())
-
-    def all(self, ids: list[int]) -> str:
-        """The text of ``ids``: exactly what pushing them one by one gives."""
-        return "".join(self.push(t) for t in ids) + self.flush()
-
-    def _take(self, text: str) -> str:
-        # By length, not by prefix: invalid byte sequences can decode differently once
-        # more bytes follow, and text already emitted cannot be taken back.
-        new = text[self._sent :]
-        self._sent = max(self._sent, len(text))
-        return new
-
-
 class _Ended:
     """Per-row record of where and why each sequence of a batch ended."""
 
@@ -1178,7 +1126,7 @@ class HuggingFacePipeline(LocalLLM):
         worker = threading.Thread(
             target=job.run_into, args=(tokens,), name="huggingface-generate", daemon=True
         )
-        decoder = _Decoder(self._decode, job.contexts[0])
+        decoder = IncrementalDetokenizer(self._decode, job.contexts[0])
         eos = job.eos
         worker.start()
         try:
@@ -1229,7 +1177,7 @@ class HuggingFacePipeline(LocalLLM):
                 ids, why = job.answer(out, row)
                 tally.completion_tokens = len(ids)
                 tally.finish_reason = "stop" if why in ("eos", "stop") else "length"
-                text = _Decoder(self._decode, job.contexts[row]).all(ids)
+                text = IncrementalDetokenizer(self._decode, job.contexts[row]).text(ids)
                 if settings.echo:
                     text = prompt + text
                 text, hit = truncate(text, call.stops)
@@ -1388,7 +1336,7 @@ class _Job:
         else:
             ids = [f + r for r, f in zip(rows, fill, strict=True)]
             mask = [[0] * len(f) + [1] * len(r) for r, f in zip(rows, fill, strict=True)]
-            self.contexts = [r[-_CONTEXT_TOKENS:] for r in rows]
+            self.contexts = [r[-CONTEXT_TOKENS:] for r in rows]
             self.start = longest
         device = getattr(self.llm._model, "device", None)
         self.inputs = {
@@ -1423,7 +1371,8 @@ class _Job:
         decode = self.llm._decode
         if len(new) > size:
             return decode(new[-size:])
-        return _Decoder(decode, self.contexts[row]).all(new)  # the start: with context
+        # the start of the answer: decoded with context
+        return IncrementalDetokenizer(decode, self.contexts[row]).text(new)
 
     def generate(self, streamer: Any) -> Any:
         """Run ``model.generate`` (holding the model's lock); None if cancelled first."""

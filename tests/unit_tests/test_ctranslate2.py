@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms.llms.ctranslate2 import (
-    IncrementalDetokenizer,
     _tokens_until_stop,
     conversion_key,
     convert,

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms.grammars import Grammar
 from langchain_localllms.llms import huggingface_pipeline as hp
 
@@ -128,16 +129,16 @@ def byte_decode(ids):
 def test_multibyte_characters_are_never_split():
     text = "café 東京 😀!"
     ids = list(text.encode())
-    decoder = hp._Decoder(byte_decode, [])
+    decoder = IncrementalDetokenizer(byte_decode, [])
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
-    assert hp._Decoder(byte_decode, []).all(ids) == text
+    assert IncrementalDetokenizer(byte_decode, []).text(ids) == text
 
 
 def test_an_incomplete_character_at_the_end_is_flushed():
     ids = [*b"ok", 0xE6]
-    assert hp._Decoder(byte_decode, []).all(ids) == "ok\ufffd"
+    assert IncrementalDetokenizer(byte_decode, []).text(ids) == "ok\ufffd"
 
 
 def test_context_keeps_the_first_space_that_a_stripping_decoder_drops():
@@ -146,18 +147,18 @@ def test_context_keeps_the_first_space_that_a_stripping_decoder_drops():
     def strip_decode(ids):  # SentencePiece-style: the first space of a text goes
         return "".join(vocab[i] for i in ids).replace("▁", " ").removeprefix(" ")
 
-    assert hp._Decoder(strip_decode, []).all([3, 4]) == "a man"
-    assert hp._Decoder(strip_decode, [1, 2]).all([3, 4]) == " a man"
-    decoder = hp._Decoder(strip_decode, [1, 2])
+    assert IncrementalDetokenizer(strip_decode, []).text([3, 4]) == "a man"
+    assert IncrementalDetokenizer(strip_decode, [1, 2]).text([3, 4]) == " a man"
+    decoder = IncrementalDetokenizer(strip_decode, [1, 2])
     assert [decoder.push(3), decoder.push(4), decoder.flush()] == [" a", " man", ""]
 
 
 def test_text_that_decodes_differently_later_is_not_emitted_twice():
     # Invalid UTF-8: 0x1D is emitted, then 0x1D 0xBF decodes as two replacement chars.
     ids = [0x61, 0x1D, 0xBF, 0x62]
-    decoder = hp._Decoder(byte_decode, [])
+    decoder = IncrementalDetokenizer(byte_decode, [])
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
-    assert "".join(pieces) == hp._Decoder(byte_decode, []).all(ids)
+    assert "".join(pieces) == IncrementalDetokenizer(byte_decode, []).text(ids)
     assert "".join(pieces).startswith("a\x1d")
 
 
