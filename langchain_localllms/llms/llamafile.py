@@ -11,6 +11,7 @@ from langchain_localllms._base import Call
 from langchain_localllms._http import Framing, ServerLLM
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar
+from langchain_localllms.prompts import ModelInfo
 
 
 def _grammar(value: Any) -> Grammar | None:
@@ -268,6 +269,24 @@ class Llamafile(ServerLLM):
         return None
 
     # ------------------------------------------------------------------ extras
+    def model_info(self) -> ModelInfo:
+        """The chat template and model file the server reports (``GET /props``).
+
+        The template is the one the server uses for chat: the model file's own, or
+        llama.cpp's fallback (ChatML) when the file carries none.
+        """
+        props = self._endpoint().request_json("/props", method="GET")
+        settings = props.get("default_generation_settings") or {}
+        path = props.get("model_path") or settings.get("model") or "llamafile"
+        return ModelInfo(
+            runtime=self._llm_type,
+            model=str(path).rsplit("/", 1)[-1],
+            chat_template=props.get("chat_template") or None,
+            bos_token=props.get("bos_token") or "",
+            eos_token=props.get("eos_token") or "",
+            adds_bos=True,  # the server tokenizes with the model's own start token
+        )
+
     def get_num_tokens(self, text: str) -> int:
         """Tokens of ``text`` in the served model's vocabulary (``POST /tokenize``)."""
         reply = self._endpoint().request_json("/tokenize", {"content": text})

@@ -14,6 +14,7 @@ from langchain_localllms._base import Call
 from langchain_localllms._http import Framing, ServerLLM
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar
+from langchain_localllms.prompts import ModelInfo
 
 
 def _format(value: Any) -> str | dict[str, Any] | None:
@@ -322,6 +323,20 @@ class Ollama(ServerLLM):
             "/api/show", {"model": self.model}, describe=self._describe_status
         )
         return dict(info)
+
+    def model_info(self) -> ModelInfo:
+        """The model's family from ``/api/show``.
+
+        Ollama wraps each prompt in the model's own template on the server (a Go
+        template, unless ``raw=True``), so there is no chat template to render here:
+        ``chat_template`` is None and prompts go as they are.
+        """
+        info = self.get_model_info()
+        details = info.get("details") or {}
+        arch = (info.get("model_info") or {}).get("general.architecture")
+        return ModelInfo(
+            runtime=self._llm_type, model=self.model, architecture=arch or details.get("family")
+        )
 
 
 def _finish(message: dict[str, Any], tally: Tally) -> None:

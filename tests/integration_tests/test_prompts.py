@@ -61,3 +61,17 @@ def test_seed_flow_conditional_prompt_selector_and_llmchain(gemma):
     # The model-aware predicate is the robust form of the same selection.
     by_model = ConditionalPromptSelector(default_prompt=DEFAULT, conditionals=[(is_family("gemma"), llama_prompt)])
     assert by_model.get_prompt(gemma) is llama_prompt
+
+
+def test_servers_report_their_models():
+    from langchain_localllms import Llamafile, Ollama
+    from tests.integration_tests.servers import llama_server, ollama_server
+
+    served = Llamafile(base_url=llama_server().url, temperature=0, n_predict=8)
+    info = served.model_info()
+    assert info.model.endswith(".gguf") and info.chat_template and info.bos_token == "<bos>"
+    prompt = chat_prompt(served, "{question}")
+    assert "{question}" in prompt.template and "<bos>" not in prompt.template
+    assert isinstance((prompt | served).invoke({"question": "Hi"}), str)
+    ollama = Ollama(model="gemma3:270m", base_url=ollama_server().url)
+    assert is_family("gemma")(ollama) and not has_chat_template(ollama)
