@@ -7,8 +7,6 @@ PY := $(VENV)/bin/python
 export LOCALLLMS_CACHE ?= $(HOME)/.cache/langchain-localllms
 # llama-cpp-python compiles from source; the multimodal part is not used here.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
-# OpenMP threads that busy-wait make torch batches ~7x slower when cores are shared.
-export OMP_WAIT_POLICY ?= PASSIVE
 KIT_MODELS := gemma-gguf gemma-hf gemma-ct2 gemma-ct2-int8 gemma-ov gemma-ov-int8 tiny-hf tiny-gguf tiny-ct2 tiny-ov tiny-chat-hf tiny-chat-gguf
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
