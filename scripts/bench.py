@@ -44,6 +44,11 @@ SHORT_PROMPT = "The first man on the moon was"
 DECODE_TOKENS = 64
 BATCH_PROMPTS = [f"Fact number {i} about the moon is that" for i in range(16)]
 BATCH_TOKENS = 16
+NOTE = (
+    "Peak RSS is that runtime's whole bench process: the raw runtime, our class and the "
+    "community class loaded side by side. Not measured here yet: HuggingFacePipeline "
+    "(torch, OpenVINO), Llamafile and Ollama."
+)
 
 
 @dataclass
@@ -323,6 +328,7 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], reps: int
         if r["ratios"].get("c_total"):
             lines.append(f"\n{r['runtime']}: langchain_community's class cannot stream, so its whole-answer "
                          f"throughput / raw is given instead: {fmt(r['ratios']['c_total'])}.")  # fmt: skip
+    lines += ["", NOTE]
     lines += ["", "Absolute speeds (tokens/s, median):", ""]
     for r in results:
         ab = r["absolute"]
