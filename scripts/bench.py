@@ -47,7 +47,9 @@ BATCH_TOKENS = 16
 NOTE = (
     "Peak RSS is that runtime's whole bench process: the raw runtime, our class and the "
     "community class loaded side by side. Not measured here yet: HuggingFacePipeline "
-    "(torch, OpenVINO), Llamafile and Ollama."
+    "(torch, OpenVINO) and Ollama (only a loopback server in the bench's own process is "
+    "available here, which would measure itself). For Llamafile, speeds are the server's; "
+    "the ratios measure the client's cost per request."
 )
 
 
@@ -215,7 +217,66 @@ def ctranslate2() -> Adapter:
                    {"count": count, "max_kw": "max_length"})  # fmt: skip
 
 
+def _http_raw(url: str, body: dict[str, Any], framing: str) -> Callable[[str, int], Stream]:
+    """A raw streaming client: httpx and the server's own framing, nothing else."""
+    import httpx
+
+    client = httpx.Client(timeout=120)
+
+    def run_raw(prompt: str, n: int) -> Stream:
+        info: dict[str, Any] = {}
+
+        def pieces() -> Iterator[str]:
+            payload = {**body, "prompt": prompt}
+            payload["n_predict" if framing == "sse" else "options"] = (
+                n if framing == "sse" else {**body.get("options", {}), "num_predict": n}
+            )
+            with client.stream("POST", url, json=payload) as reply:
+                for line in reply.iter_lines():
+                    if framing == "sse":
+                        if not line.startswith("data: "):
+                            continue
+                        msg = json.loads(line[6:])
+                        if msg.get("stop"):
+                            info["prompt"] = msg["timings"]["prompt_n"]
+                            info["n"] = msg["timings"]["predicted_n"]
+                            break
+                        yield msg["content"]
+                    elif line:
+                        msg = json.loads(line)
+                        if msg.get("done"):
+                            info["prompt"], info["n"] = msg["prompt_eval_count"], msg["eval_count"]
+                            break
+                        yield msg["response"]
+
+        stream = timed(pieces(), 0, lambda: info.get("n", 0))
+        stream.prompt_tokens = info.get("prompt", 0)
+        return stream
+
+    return run_raw
+
+
+def llamafile() -> Adapter:
+    from langchain_localllms import Llamafile
+    from tests.integration_tests.servers import llama_server
+
+    server = llama_server()
+    body = {"temperature": 0, "stream": True, "cache_prompt": False}
+    ours = Llamafile(base_url=server.url, temperature=0, cache_prompt=False)
+    community = None
+    try:
+        from langchain_community.llms.llamafile import Llamafile as CommunityLlamafile
+
+        community = CommunityLlamafile(base_url=server.url, temperature=0, n_predict=DECODE_TOKENS, streaming=True)
+    except ImportError:
+        pass
+    return Adapter("Llamafile (llama-server, 4 slots)", _http_raw(server.url + "/completion", body, "sse"),
+                   ours, None if community is None else community, "requests run concurrently on the server's slots",
+                   {"count": ours.get_num_tokens, "max_kw": "n_predict"})  # fmt: skip
+
+
 ADAPTERS: dict[str, Callable[[], Adapter]] = {
+    "llamafile": llamafile,
     "llamacpp": llamacpp,
     "ctranslate2": ctranslate2,
     "gpt4all": gpt4all,
