@@ -50,6 +50,9 @@ NOTE = (
     "(torch, OpenVINO) and Ollama (only a loopback server in the bench's own process is "
     "available here, which would measure itself). For Llamafile, speeds are the server's; "
     "the ratios measure the client's cost per request."
+    " The community Llamafile's prompt figure reflects llama-server's prompt cache (that "
+    "class cannot turn `cache_prompt` off), not client speed. CTranslate2's prompt ratio is "
+    "timed to the first non-empty piece, which our detokenizer may hold back by a token."
 )
 
 
