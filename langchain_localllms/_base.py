@@ -97,8 +97,9 @@ class LocalLLM(BaseLLM):
     def _setup(self) -> None:
         """Load the runtime once the fields are valid (errors reach the user unwrapped)."""
 
-    #: Parameters the ``langchain_community`` class takes that mean nothing on this
-    #: runtime, with the reason: passing one is an error that says why.
+    #: Parameters the LangChain classes take that mean nothing on this runtime, with
+    #: the reason: setting one is an error that says why (``None`` means "not set" and
+    #: is accepted, as code written for those classes often passes it).
     _refused: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
@@ -106,10 +107,11 @@ class LocalLLM(BaseLLM):
     def _accept_callback_manager(cls, values: Any) -> Any:
         """``callback_manager=`` (the seeds' spelling) is an alias of ``callbacks=``."""
         if isinstance(values, dict):
-            for name in values:
-                if name in cls._refused:
-                    msg = f"{cls.__name__} does not take {name}=: {cls._refused[name]}"
-                    raise TypeError(msg)
+            refused = [n for n in values if n in cls._refused and values[n] is not None]
+            if refused:
+                msg = "; ".join(f"{n}=: {cls._refused[n]}" for n in refused)
+                raise TypeError(f"{cls.__name__} does not take {msg}")
+            values = {n: v for n, v in values.items() if n not in cls._refused}
         if isinstance(values, dict) and "callback_manager" in values:
             values = dict(values)
             manager = values.pop("callback_manager")

@@ -81,8 +81,6 @@ _OPTIONS = (
 )  # fmt: skip
 #: Our fields that go at the top level of the request.
 _TOP_LEVEL = ("system", "template", "raw", "format", "keep_alive", "think", "suffix", "images")
-#: Parameters of the LangChain Ollama classes that Ollama's API no longer takes.
-_GONE = ("mirostat", "mirostat_eta", "mirostat_tau", "tfs_z")
 
 
 class Ollama(ServerLLM):
@@ -198,14 +196,6 @@ class Ollama(ServerLLM):
     """Map the model file instead of reading it."""
     num_thread: int | None = Field(default=None, ge=1)
     """CPU threads (default: Ollama picks; the physical core count is best)."""
-    mirostat: int | None = None
-    """Not supported: Ollama's API no longer takes it (leave unset)."""
-    mirostat_eta: float | None = None
-    """Not supported: Ollama's API no longer takes it (leave unset)."""
-    mirostat_tau: float | None = None
-    """Not supported: Ollama's API no longer takes it (leave unset)."""
-    tfs_z: float | None = None
-    """Not supported: Ollama's API no longer takes it (leave unset)."""
 
     # ---------------------------------------------------------- request fields
     system: str | None = None
@@ -240,16 +230,10 @@ class Ollama(ServerLLM):
     _timeout_field: ClassVar[str] = "timeout"
     _route: ClassVar[str] = "/api/generate"
     _stream_framing: ClassVar[Framing] = "ndjson"
-
-    def _setup(self) -> None:
-        super()._setup()
-        gone = [name for name in _GONE if getattr(self, name) is not None]
-        if gone:
-            msg = (
-                f"Ollama's API no longer takes {', '.join(gone)} (its options are "
-                f"{', '.join(_OPTIONS)}); leave {'it' if len(gone) == 1 else 'them'} unset"
-            )
-            raise ValueError(msg)
+    _refused: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("mirostat", "mirostat_eta", "mirostat_tau", "tfs_z"),
+        f"Ollama's API no longer takes it (its options are {', '.join(_OPTIONS)}); leave it unset",
+    )
 
     @property
     def _llm_type(self) -> str:
