@@ -79,8 +79,9 @@ class LocalLLM(BaseLLM):
     """Stop sequences: the answer ends before the first one (which is not included).
     Give them here or per call, not both."""
 
-    max_concurrency: int = Field(default=1, ge=1)
-    """How many prompts of a batch run at once (beyond the runtime's own batching)."""
+    max_concurrency: int | None = Field(default=1, ge=1)
+    """How many prompts of a batch run at once (beyond the runtime's own batching);
+    None: the runtime's own choice (one at a time in this process)."""
 
     #: Fields that may also be given per call (``llm.invoke(p, temperature=0)``).
     _call_fields: ClassVar[tuple[str, ...]] = ()
@@ -368,7 +369,7 @@ class LocalLLM(BaseLLM):
             def one(prompt: str) -> Generation:
                 return _join(self._stream(prompt, stop, run_manager, **kwargs))
 
-            workers = min(self._concurrency(), len(prompts))
+            workers = min(self._concurrency(), len(prompts)) if len(prompts) > 1 else 1
             if workers > 1:
                 with ThreadPoolExecutor(workers) as pool:
                     generations = list(pool.map(one, prompts))
@@ -392,7 +393,7 @@ class LocalLLM(BaseLLM):
             if generations is not None:
                 gens = [[g] for g in generations]
                 return LLMResult(generations=gens, llm_output=self._llm_output(gens))
-        limit = asyncio.Semaphore(self._concurrency())
+        limit = asyncio.Semaphore(await self._aconcurrency() if len(prompts) > 1 else 1)
 
         async def one(prompt: str) -> Generation:
             async with limit:
@@ -406,7 +407,11 @@ class LocalLLM(BaseLLM):
         return llm_output(gens, **self._llm_output_extra())
 
     def _concurrency(self) -> int:
-        return self.max_concurrency
+        return self.max_concurrency or 1
+
+    async def _aconcurrency(self) -> int:
+        """``_concurrency`` for the async path (runtimes that must ask override)."""
+        return self._concurrency()
 
     def _batches_natively(self) -> bool:
         return type(self)._generate_batch is not LocalLLM._generate_batch

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from langchain_localllms._base import Call, LocalLLM
 from langchain_localllms._usage import Tally
@@ -60,6 +60,12 @@ __all__ = [
 Framing = Literal["ndjson", "sse", "json"]
 #: Seconds allowed to open a connection when no timeout is configured.
 CONNECT_TIMEOUT = 30.0
+#: Requests of a batch sent at once when the server does not say how many it runs.
+DEFAULT_CONCURRENCY = 4
+#: A slot-count probe that fails in these ways leaves the default (the batch's own
+#: requests then report what is wrong with the server). ValueError: a reply that is
+#: not JSON.
+_PROBE_ERRORS = (RuntimeError, ConnectionError, TimeoutError, ValueError)
 
 
 # ----------------------------------------------------------------------- errors
@@ -533,6 +539,21 @@ class Endpoint:
         (message,) = messages  # reads the whole reply
         return message
 
+    async def arequest_json(
+        self,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        method: str = "POST",
+        describe: Callable[[int, str], str | None] | None = None,
+    ) -> Any:
+        """The async form of :meth:`request_json`."""
+        messages = self.astream(
+            path, body, framing="json", is_final=lambda _: True, describe=describe, method=method
+        )
+        (message,) = [m async for m in messages]
+        return message
+
     # -------------------------------------------------------------------- errors
     def _status_error(
         self, response: httpx.Response, describe: Callable[[int, str], str | None] | None
@@ -636,9 +657,10 @@ class ServerLLM(RedactedRepr, LocalLLM):
     streaming: bool = True
     """Ask the server to stream the answer (True), or to send it in one reply (False:
     the answer then reaches callbacks and ``stream()`` as one piece)."""
-    max_concurrency: int = Field(default=4, ge=1)
-    """How many prompts of a ``batch``/``abatch`` are sent at once; match the server's
-    parallel slots to use them all."""
+    max_concurrency: int | None = Field(default=None, ge=1)
+    """How many prompts of a ``batch``/``abatch`` are sent at once. None: as many as
+    the server has parallel slots, where it tells (llama.cpp's ``GET /props``), else
+    4. The slot count is asked once per instance, at its first batch."""
 
     _server_name: ClassVar[str] = "the server"
     _start_hint: ClassVar[str] = ""
@@ -647,6 +669,11 @@ class ServerLLM(RedactedRepr, LocalLLM):
     _stream_framing: ClassVar[Framing] = "ndjson"
     #: Headers of streamed requests only.
     _stream_headers: ClassVar[dict[str, str] | None] = None
+    #: Where the server tells how many requests it decodes at once: (route, JSON
+    #: key) of a GET reply; None if it does not.
+    _slots_probe: ClassVar[tuple[str, str] | None] = None
+
+    _slots: int | None = PrivateAttr(default=None)
 
     def _setup(self) -> None:
         self._endpoint()  # a bad base_url or client_kwargs fails here, not at first call
@@ -679,6 +706,30 @@ class ServerLLM(RedactedRepr, LocalLLM):
     def _describe_status(self, status: int, text: str) -> str | None:
         """A better message for an HTTP error status (None: the generic one)."""
         return None
+
+    # ------------------------------------------------------------- concurrency
+    def _concurrency(self) -> int:
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        if self._slots is None and self._slots_probe is not None:
+            route, _ = self._slots_probe
+            with contextlib.suppress(*_PROBE_ERRORS):
+                self._slots = self._read_slots(self._endpoint().request_json(route, method="GET"))
+        return self._slots or DEFAULT_CONCURRENCY
+
+    async def _aconcurrency(self) -> int:
+        if self.max_concurrency is None and self._slots is None and self._slots_probe:
+            route, _ = self._slots_probe
+            with contextlib.suppress(*_PROBE_ERRORS):
+                reply = await self._endpoint().arequest_json(route, method="GET")
+                self._slots = self._read_slots(reply)
+        return self._concurrency()
+
+    def _read_slots(self, reply: Any) -> int:
+        """The slot count in the probe's reply; 0 (asked, not told) if it has none."""
+        assert self._slots_probe is not None
+        value = reply.get(self._slots_probe[1]) if isinstance(reply, dict) else None
+        return value if isinstance(value, int) and value > 0 else 0
 
     # ------------------------------------------------------------------ the loop
     def _request(self, prompt: str, call: Call) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -49,7 +49,12 @@ from langchain_localllms.prompts import ModelInfo
 
 DEFAULT_MODEL_ID = "gpt2"
 DEFAULT_TASK = "text-generation"
+#: Prompts per ``generate`` call when ``batch_size`` is not set: on an accelerator,
+#: langchain_huggingface's 4 (memory); on a CPU 16, where decoding is bound by
+#: reading the weights and a batch reads them once for all its rows (Gemma-3-270M
+#: here: 16 prompts in one call ran 5x faster than one at a time, 4 only 1.7x).
 DEFAULT_BATCH_SIZE = 4
+CPU_BATCH_SIZE = 16
 #: What ``langchain_huggingface`` accepts; the last three are encoder-decoder tasks.
 VALID_TASKS = ("text-generation", "text2text-generation", "summarization", "translation")
 _SEQ2SEQ_TASKS = ("text2text-generation", "summarization", "translation")
@@ -744,9 +749,9 @@ class HuggingFacePipeline(LocalLLM):
     """Generation parameters (any ``GenerationConfig`` field) and the pipeline options
     ``return_full_text``, ``prefix``, ``add_special_tokens``. Per call too:
     ``llm.invoke(p, pipeline_kwargs={...})``."""
-    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
     """Prompts per ``generate`` call when several are given (1: one at a time, with
-    per-token callbacks)."""
+    per-token callbacks). None: 16 when the model runs on a CPU, 4 on an accelerator."""
 
     max_new_tokens: int | None = Field(default=None, ge=1)
     """Most tokens to generate (default: the pipeline's, 256 in transformers 5)."""
@@ -778,6 +783,7 @@ class HuggingFacePipeline(LocalLLM):
     _model: Any = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)
     _seq2seq: bool = PrivateAttr(default=False)
+    _on_cpu: bool = PrivateAttr(default=True)
     _layers: list[_Layer] = PrivateAttr(default_factory=list)
     _model_set: dict[str, Any] = PrivateAttr(default_factory=dict)
     _defaults: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -809,7 +815,7 @@ class HuggingFacePipeline(LocalLLM):
         device_map: str | dict[str, Any] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         pipeline_kwargs: dict[str, Any] | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         **kwargs: Any,
     ) -> HuggingFacePipeline:
         """Load ``model_id`` (a local directory, or a Hub id) for ``task``.
@@ -824,7 +830,7 @@ class HuggingFacePipeline(LocalLLM):
             device_map: Accelerate's weight placement, e.g. ``"auto"``.
             model_kwargs: ``from_pretrained`` options, and generation parameters.
             pipeline_kwargs: Generation parameters and pipeline options.
-            batch_size: Prompts per ``generate`` call.
+            batch_size: Prompts per ``generate`` call (None: 16 on a CPU, else 4).
             **kwargs: Other fields (``callbacks``, ``stop``, ``temperature``, ...).
         """
         return cls(
@@ -919,6 +925,7 @@ class HuggingFacePipeline(LocalLLM):
             offline=offline,
         )
         model = _BACKENDS[self.backend](request)
+        self._on_cpu = _runs_on_cpu(model)
         tok_kwargs = {k: model_kwargs[k] for k in _HUB_KWARGS if k in model_kwargs}
         if offline:
             tok_kwargs["local_files_only"] = True
@@ -930,14 +937,16 @@ class HuggingFacePipeline(LocalLLM):
         if _is_seq2seq_task(task):
             try:
                 pipe = transformers.pipeline(
-                    task=task, model=model, tokenizer=tokenizer, batch_size=self.batch_size,
+                    task=task, model=model, tokenizer=tokenizer,
+                    batch_size=self._rows_per_generate(),
                     **pipe_kwargs,
                 )  # fmt: skip
             except KeyError:  # transformers 5 removed the seq2seq pipelines
                 pipe = _NoPipeline(task, model, tokenizer)
         else:
             pipe = transformers.pipeline(
-                task=task, model=model, tokenizer=tokenizer, batch_size=self.batch_size,
+                task=task, model=model, tokenizer=tokenizer,
+                batch_size=self._rows_per_generate(),
                 **pipe_kwargs,
             )  # fmt: skip
         self.pipeline = pipe
@@ -984,6 +993,7 @@ class HuggingFacePipeline(LocalLLM):
         self._source = self.model_id
         self._model, self._tokenizer = model, tokenizer
         self._seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._on_cpu = _runs_on_cpu(model)
         self._defaults = _pipeline_defaults(pipe)
         self._layers.append(_pipeline_layer(pipe))
 
@@ -1160,13 +1170,19 @@ class HuggingFacePipeline(LocalLLM):
             job.cancel.set()
             worker.join()
 
+    def _rows_per_generate(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return CPU_BATCH_SIZE if self._on_cpu else DEFAULT_BATCH_SIZE
+
     def _generate_batch(self, prompts: list[str], call: Call) -> list[Generation] | None:
-        if self.batch_size <= 1:
+        rows = self._rows_per_generate()
+        if rows <= 1:
             return None  # one at a time through the stream, with token callbacks
         settings = self._call_settings(call)
         generations = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i : i + self.batch_size]
+        for i in range(0, len(prompts), rows):
+            chunk = prompts[i : i + rows]
             job = _Job(self, chunk, settings, call.stops)
             tallies = [Tally(prompt_tokens=n) for n in job.prompt_tokens]
             clock = _FirstToken()
@@ -1183,6 +1199,15 @@ class HuggingFacePipeline(LocalLLM):
                 text, hit = truncate(text, call.stops)
                 generations.append(Generation(text=text, generation_info=tally.info(hit)))
         return generations
+
+
+def _runs_on_cpu(model: Any) -> bool:
+    """Whether the model computes on the CPU (OpenVINO models name their device)."""
+    ov_device = getattr(model, "_device", None)
+    if isinstance(ov_device, str):
+        return ov_device.upper().startswith("CPU")
+    device = getattr(model, "device", None)
+    return getattr(device, "type", "cpu") == "cpu"
 
 
 def _valid_task(task: Any) -> bool:

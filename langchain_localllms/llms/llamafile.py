@@ -56,9 +56,9 @@ class Llamafile(ServerLLM):
     the llamafile fork: streamed Server-Sent Events, usage and timings from the
     server's ``timings``, stop sequences applied by the server (and named in
     ``generation_info["stop_sequence"]``). Connections are pooled, async calls are
-    native (no thread per call), and ``batch``/``abatch`` send up to
-    ``max_concurrency`` requests at once so a server with several slots
-    (``--parallel N``) works on them together.
+    native (no thread per call), and ``batch``/``abatch`` send one request per
+    server slot at once (``--parallel N``, read from ``/props``), so the server
+    decodes them together.
 
     Setup:
         Download a llamafile, make it executable and start its server:
@@ -75,7 +75,8 @@ class Llamafile(ServerLLM):
         temperature, top_k, top_p, min_p, repeat_penalty, seed, ...: sampling; unset
             ones keep the server's defaults.
         grammar / json_schema: constrain the output (GBNF, JSON schema, pydantic).
-        max_concurrency: requests of a batch sent at once (4).
+        max_concurrency: requests of a batch sent at once (default: the server's
+            slot count, or 4 if it does not report one).
         request_timeout: seconds to wait for the server (None: no limit).
 
     Instantiate:
@@ -191,6 +192,7 @@ class Llamafile(ServerLLM):
     #: llama.cpp's server closes the connection after every streamed reply; saying so
     #: keeps a dead connection out of the pool.
     _stream_headers: ClassVar[dict[str, str] | None] = {"Connection": "close"}
+    _slots_probe: ClassVar[tuple[str, str] | None] = ("/props", "total_slots")
 
     def _setup(self) -> None:
         super()._setup()

@@ -308,6 +308,8 @@ class OllamaLoopback:
             raise _Fail(400, "json: cannot unmarshal options into an object")
         for key in sorted(set(options) - KNOWN_OPTIONS):
             self.warnings.append(f"invalid option provided: {key}")
+        # Ollama skips null options (langchain_community's client sends every one).
+        options = {k: v for k, v in options.items() if v is not None}
         grammar = self._grammar(body.get("format"))
         if not prompt:
             unload = body.get("keep_alive") in (0, "0", "0s", "0m")

@@ -61,9 +61,27 @@ def test_n_predict_is_max_tokens(model_path):
     assert llm.generate(["The first man on the moon was"]).generations[0][0].generation_info["completion_tokens"] == 3
 
 
-def test_early_stop_ends_generation(tiny):
+def test_early_stop_ends_generation(tiny, monkeypatch):
+    # Count every token the engine decodes (each passes gpt4all's byte decoder).
+    engine_type = type(tiny.client.model)
+    decoder = engine_type._callback_decoder
+    decoded = []
+
+    def counting(engine, callback):
+        inner = decoder(engine, callback)
+
+        def step(token_id, response):
+            decoded.append(token_id)
+            return inner(token_id, response)
+
+        return step
+
+    monkeypatch.setattr(engine_type, "_callback_decoder", counting)
     stream = tiny.stream("The first man on the moon was", max_tokens=200)
     next(stream)
     stream.close()  # the engine thread is told to stop and joined
-    # the instance is free again at once: a new call runs
+    after_close = len(decoded)
+    assert after_close < 10, f"the engine decoded {after_close} tokens for one piece"
+    # the instance is free again at once, and the abandoned answer decodes no more
     assert tiny.invoke("Red cat and blue dog", max_tokens=2) is not None
+    assert after_close < len(decoded) <= after_close + 2

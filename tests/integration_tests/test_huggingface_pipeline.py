@@ -225,6 +225,24 @@ def test_batch_size_one_streams_each_prompt_to_callbacks(tiny):
     assert "".join(rec.tokens) == "".join(outs)
 
 
+def test_batches_fill_16_rows_per_generate_on_a_cpu_unless_batch_size_says(tiny, monkeypatch):
+    rows = []
+    generate = type(tiny.model).generate
+
+    def spy(model, *args, **kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny.model), "generate", spy)
+    prompts = [TINY_PROMPTS[i % 3] for i in range(20)]
+    outs = tiny.batch(prompts, max_new_tokens=4)
+    assert rows == [16, 4]
+    assert outs[:3] == [tiny.invoke(p, max_new_tokens=4) for p in TINY_PROMPTS]
+    rows.clear()
+    tiny.model_copy(update={"batch_size": 8}).batch(prompts, max_new_tokens=4)
+    assert rows == [8, 8, 4]
+
+
 # --------------------------------------------------------------- parameters
 def test_per_call_generation_parameters(tiny):
     gen = tiny.generate([TINY_PROMPTS[0]], pipeline_kwargs={"max_new_tokens": 3})

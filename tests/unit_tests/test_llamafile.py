@@ -60,7 +60,7 @@ def test_defaults_send_only_the_prompt_streaming_and_a_bounded_n_predict():
     assert (request.method, str(request.url)) == ("POST", "http://localhost:8080/completion")
     assert fake.body == {"prompt": "Hi", "stream": True, "n_predict": 256}
     assert Llamafile().n_predict == 256
-    assert Llamafile().max_concurrency == 4
+    assert Llamafile().max_concurrency is None  # the server's slot count, asked at a batch
 
 
 def test_every_option_goes_out_under_the_servers_own_name():
@@ -225,12 +225,21 @@ async def test_async_is_native_and_gives_what_sync_gives(monkeypatch):
 
 class Slots(httpx.BaseTransport, httpx.AsyncBaseTransport):
     """A server with unlimited slots that counts requests in progress and answers each
-    prompt with itself in upper case."""
+    prompt with itself in upper case. ``GET /props`` reports ``total`` slots (None:
+    the route is missing, as on servers that have no /props)."""
 
-    def __init__(self, delay: float = 0.05) -> None:
+    def __init__(self, delay: float = 0.05, total: int | None = None) -> None:
         self.delay = delay
+        self.total = total
         self.now = self.peak = 0
+        self.probes = 0
         self.lock = threading.Lock()
+
+    def _props(self) -> httpx.Response:
+        self.probes += 1
+        if self.total is None:
+            return httpx.Response(404, json={"error": {"code": 404, "message": "File Not Found"}})
+        return httpx.Response(200, json={"total_slots": self.total})
 
     def _enter(self) -> None:
         with self.lock:
@@ -245,11 +254,15 @@ class Slots(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=data)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/props":
+            return self._props()
         self._enter()
         time.sleep(self.delay)
         return self._reply(request)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/props":
+            return self._props()
         self._enter()
         await asyncio.sleep(self.delay)
         return self._reply(request)
@@ -262,10 +275,30 @@ async def test_abatch_keeps_max_concurrency_requests_in_flight():
     slots = Slots()
     outs = await Llamafile(client_kwargs={"transport": slots}).abatch(PROMPTS)
     assert outs == [p.upper() for p in PROMPTS]
-    assert slots.peak == 4
-    slots2 = Slots()
+    assert slots.peak == 4  # the server has no /props: 4 at once
+    slots2 = Slots(total=8)
     await Llamafile(client_kwargs={"transport": slots2}, max_concurrency=2).abatch(PROMPTS)
-    assert slots2.peak == 2
+    assert (slots2.peak, slots2.probes) == (2, 0)  # set by the user: the server is not asked
+
+
+@pytest.mark.parametrize("total", [3, 6])
+async def test_abatch_uses_as_many_requests_as_the_server_has_slots(total):
+    slots = Slots(total=total)
+    llm = Llamafile(client_kwargs={"transport": slots})
+    outs = await llm.abatch(PROMPTS)
+    assert outs == [p.upper() for p in PROMPTS]
+    assert slots.peak == total
+    await llm.abatch(PROMPTS)
+    assert slots.probes == 1  # asked once per instance
+
+
+def test_batch_uses_as_many_requests_as_the_server_has_slots_and_invoke_does_not_ask():
+    slots = Slots(delay=0.1, total=6)
+    llm = Llamafile(client_kwargs={"transport": slots})
+    assert llm.invoke("a") == "A"
+    assert slots.probes == 0  # one prompt needs no slot count
+    assert llm.batch(PROMPTS) == [p.upper() for p in PROMPTS]
+    assert (slots.peak, slots.probes) == (6, 1)
 
 
 def test_batch_and_generate_keep_max_concurrency_requests_in_flight():
