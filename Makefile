@@ -15,14 +15,19 @@ PYTEST := $(PY) -m pytest -p no:cacheprovider
 help: ## Show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml constraints.txt
-	@echo "== creating $(VENV) and installing (first time: ~6 min, llama-cpp-python compiles)"
+# llama-cpp-python is not left to pip: pip builds it with -march=native, which on an
+# AMX CPU compiles llama.cpp kernels that crash, and its wheel cache ignores compiler
+# flags. modelkit.native builds it for this CPU without AMX (cached per CPU) and
+# decodes a few tokens in a child process before anything else uses it.
+$(VENV)/.installed: pyproject.toml constraints.txt modelkit/native.py
+	@echo "== creating $(VENV) and installing (first time: ~10 min, llama-cpp-python compiles)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[llamacpp,ctranslate2,huggingface,gpt4all,classic]" \
+	$(PY) -m pip install -q -c constraints.txt -e ".[ctranslate2,huggingface,gpt4all,classic]" \
 		--group test --group lint --group kit
 	@# xgrammar without triton (~1 GB that xgrammar never loads on a CPU)
 	$(PY) -m pip install -q -c constraints.txt --no-deps xgrammar apache-tvm-ffi
+	$(PY) -m modelkit.native llama-cpp-python
 	@touch $@
 
 install: $(VENV)/.installed ## Create .venv with every runtime and the test tools
@@ -45,8 +50,8 @@ openvino-env: $(OV_VENV)/.installed ## Create .venv-openvino (optimum-intel, its
 models: install openvino-env ## Build the offline models (cached in $LOCALLLMS_CACHE)
 	$(PY) -m modelkit prepare $(KIT_MODELS)
 
-llama-server: install ## Build llama.cpp's HTTP server from the llama-cpp-python sdist (cached)
-	@scripts/build_llama_server.sh $(PY) >/dev/null
+llama-server: install ## Build llama.cpp's HTTP server for this CPU from the llama-cpp-python sdist (cached, smoke-checked)
+	@$(PY) -m modelkit.native llama-server >/dev/null
 
 demo: install ## Stream an answer from Gemma-3-270M through PromptTemplate | LlamaCpp
 	@$(PY) -m modelkit prepare gemma-gguf >/dev/null

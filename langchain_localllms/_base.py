@@ -19,7 +19,7 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -85,15 +85,53 @@ class LocalLLM(BaseLLM):
 
     #: Fields that may also be given per call (``llm.invoke(p, temperature=0)``).
     _call_fields: ClassVar[tuple[str, ...]] = ()
+    #: Fields read at every call rather than when loading (a copy may change them).
+    _live_fields: ClassVar[tuple[str, ...]] = ()
     #: Options that exist only per call or need no field (e.g. ``grammar``).
     _call_only: ClassVar[tuple[str, ...]] = ()
     #: Names of the fields LangSmith reports as temperature / max tokens.
     _temperature_field: ClassVar[str | None] = "temperature"
     _max_tokens_field: ClassVar[str | None] = "max_tokens"
 
+    _init_args: dict[str, Any] = pydantic.PrivateAttr(default_factory=dict)
+
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
+        self._init_args = dict(data)
         self._setup()
+
+    # ------------------------------------------------------------------ copies
+    # Copies share what ``_setup`` loaded (private attributes): the model stays loaded
+    # while any copy lives. A copy that changes how the model is loaded loads anew.
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
+        """Copy this instance; the copy shares the loaded model.
+
+        If ``update`` changes a setting the model was loaded with (``n_ctx``,
+        ``model_path``, ``base_url``, ...), the copy is built anew with it instead, so
+        it never runs the old model under the new setting.
+        """
+        reload = sorted(set(update or {}) & self._load_fields())
+        if reload:
+            return type(self)(**{**self._init_args, **(update or {})})
+        copied = super().model_copy(update=update, deep=deep)
+        copied._init_args = {**self._init_args, **(update or {})}
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        memo = {} if memo is None else memo
+        for value in (self.__pydantic_private__ or {}).values():
+            memo[id(value)] = value  # shared, never copied (native handles)
+        return super().__deepcopy__(memo)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its settings; unpickling loads the model again.
+        return (_rebuild, (type(self), self._init_args))
+
+    @classmethod
+    def _load_fields(cls) -> set[str]:
+        """Fields read when the model is loaded (all but per-call and LangChain ones)."""
+        live = {*cls._call_fields, *cls._live_fields}
+        return set(cls.model_fields) - set(LocalLLM.model_fields) - live
 
     def _setup(self) -> None:
         """Load the runtime once the fields are valid (errors reach the user unwrapped)."""
@@ -436,6 +474,10 @@ class _Assembler:
     def finish(self) -> GenerationChunk:
         text = "" if self._stops.stopped else self._stops.flush()
         return GenerationChunk(text=text, generation_info=self._tally.info(self._stops.matched))
+
+
+def _rebuild(cls: type[LocalLLM], args: dict[str, Any]) -> LocalLLM:
+    return cls(**args)
 
 
 def _check_prompts(prompts: Any) -> None:

@@ -249,13 +249,25 @@ def _tiny_gguf(out: Path) -> None:
     _convert_to_gguf(path("tiny-hf"), out / "tiny-llama-f32.gguf")
 
 
-def _convert_to_gguf(hf_dir: Path, target: Path) -> None:
+def sdist() -> Path:
+    """The llama-cpp-python source (with llama.cpp in ``vendor/``), fetched once."""
     src = CACHE / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
     if not (src / "vendor" / "llama.cpp").is_dir():
         (CACHE / "src").mkdir(parents=True, exist_ok=True)
         _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(CACHE / "src")])  # fmt: skip
-        _run(["tar", "xzf", str(CACHE / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"), "-C", str(CACHE / "src")])
+        tmp = CACHE / "src" / f".extract-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _run(["tar", "xzf", str(CACHE / "src" / f"{src.name}.tar.gz"), "-C", str(tmp)])
+        shutil.rmtree(src, ignore_errors=True)
+        (tmp / src.name).rename(src)  # a half-extracted tree is never found
+        tmp.rmdir()
+    return src
+
+
+def _convert_to_gguf(hf_dir: Path, target: Path) -> None:
+    src = sdist()
     llama_cpp = src / "vendor" / "llama.cpp"
     env = dict(os.environ, PYTHONPATH=str(llama_cpp / "gguf-py"))  # its own gguf-py, not PyPI's
     cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(hf_dir),

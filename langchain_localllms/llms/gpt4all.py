@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -13,9 +11,10 @@ from pydantic import Field, PrivateAttr, model_validator
 from langchain_localllms._base import Call, LocalLLM
 from langchain_localllms._files import cpu_count, model_file
 from langchain_localllms._imports import require
+from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
 
-_DONE = object()
+_TOKEN = object()  # one generated token (its text, if any, follows)
 
 
 class GPT4All(LocalLLM):
@@ -109,8 +108,7 @@ class GPT4All(LocalLLM):
         "echo": "the GPT4All engine cannot return the prompt; prepend it yourself",
     }
 
-    _gpt4all: Any = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _shared: SharedModel[Any] | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -129,7 +127,7 @@ class GPT4All(LocalLLM):
         path = model_file(self.model, kind="GGUF model", magic=b"GGUF")
         gpt4all = require("gpt4all", feature="GPT4All")
         try:
-            self._gpt4all = gpt4all.GPT4All(
+            model = gpt4all.GPT4All(
                 model_name=path.name,
                 model_path=str(path.parent),
                 allow_download=False,
@@ -146,8 +144,9 @@ class GPT4All(LocalLLM):
                 "not newer architectures; LlamaCpp from this package runs them."
             )
             raise ValueError(msg) from e
-        if self.backend is not None and self._gpt4all.backend != self.backend:
-            msg = f"the model runs on {self._gpt4all.backend!r}, not backend={self.backend!r}"
+        self._shared = SharedModel(model, model.close, name="gpt4all-generate")
+        if self.backend is not None and model.backend != self.backend:
+            msg = f"the model runs on {model.backend!r}, not backend={self.backend!r}"
             raise ValueError(msg)
 
     @property
@@ -157,7 +156,8 @@ class GPT4All(LocalLLM):
     @property
     def client(self) -> Any:
         """The underlying ``gpt4all.GPT4All``."""
-        return self._gpt4all
+        assert self._shared is not None  # set by _setup
+        return self._shared.model
 
     def _ls_model_name(self) -> str:
         return Path(self.model).name
@@ -174,33 +174,35 @@ class GPT4All(LocalLLM):
             msg = "the prompt is empty; GPT4All needs some text to continue"
             raise ValueError(msg)
         p = call.params
-        engine = self._gpt4all.model  # gpt4all's LLModel
-        pieces: queue.Queue[Any] = queue.Queue()
-        stop = threading.Event()
-        counts = {"prompt": 0, "completion": 0}
+        assert self._shared is not None
+        engine = self._shared.model.model  # gpt4all's LLModel
         raw_decoder = type(engine)._callback_decoder
+        counts = {"prompt": 0, "decoded": 0}
 
-        def count_prompt(token_id: int) -> bool:
-            counts["prompt"] += 1
-            return True
+        def work(emit: Emit) -> None:
+            def count_prompt(token_id: int) -> bool:
+                counts["prompt"] += 1
+                return True
 
-        def count_completion(callback: Any) -> Any:
-            # Every generated token passes here, also those whose bytes gpt4all holds
-            # back until a UTF-8 character is complete.
-            decode = raw_decoder(engine, callback)
+            def count_completion(callback: Any) -> Any:
+                # Every generated token passes here, also those whose bytes gpt4all
+                # holds back until a UTF-8 character is complete: one item each, so
+                # the reader counts exactly the tokens it took.
+                decode = raw_decoder(engine, callback)
 
-            def raw(token_id: int, response: bytes) -> bool:
-                counts["completion"] += 1
-                keep_going = decode(token_id, response)
-                return bool(keep_going) and counts["completion"] < p["max_tokens"]
+                def raw(token_id: int, response: bytes) -> bool:
+                    counts["decoded"] += 1
+                    if not emit(_TOKEN):
+                        return False
+                    return bool(decode(token_id, response)) and counts["decoded"] < p["max_tokens"]
 
-            return raw
+                return raw
 
-        def on_text(token_id: int, text: str) -> bool:
-            pieces.put(text)
-            return not stop.is_set()
+            def on_text(token_id: int, text: str) -> bool:
+                return emit(text)
 
-        def work() -> None:
+            engine._prompt_callback = count_prompt
+            engine._callback_decoder = count_completion
             try:
                 engine.prompt_model(
                     prompt,
@@ -216,30 +218,17 @@ class GPT4All(LocalLLM):
                     n_batch=p["n_batch"],
                     reset_context=True,
                 )
-                pieces.put(_DONE)
-            except BaseException as e:
-                pieces.put(e)
-
-        with self._lock:
-            engine._prompt_callback = count_prompt
-            engine._callback_decoder = count_completion
-            worker = threading.Thread(target=work, name="gpt4all-generate", daemon=True)
-            worker.start()
-            try:
-                while True:
-                    item = pieces.get()
-                    if item is _DONE:
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item:
-                        yield item
             finally:
-                stop.set()
-                worker.join()
                 del engine._prompt_callback, engine._callback_decoder
-                tally.prompt_tokens = counts["prompt"]
-                tally.completion_tokens = counts["completion"]
-                tally.finish_reason = (
-                    "length" if counts["completion"] >= p["max_tokens"] else "stop"
-                )
+
+        items = self._shared.stream(work)
+        try:
+            for item in items:
+                if item is _TOKEN:
+                    tally.completion_tokens += 1
+                elif item:
+                    yield item
+        finally:
+            items.close()  # the worker has ended: the counts are final
+            tally.prompt_tokens = counts["prompt"]
+            tally.finish_reason = "length" if counts["decoded"] >= p["max_tokens"] else "stop"

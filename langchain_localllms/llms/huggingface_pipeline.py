@@ -777,6 +777,7 @@ class HuggingFacePipeline(LocalLLM):
         "repetition_penalty", "seed", "grammar",
     )  # fmt: skip
     _call_only: ClassVar[tuple[str, ...]] = ("pipeline_kwargs", "skip_prompt")
+    _live_fields: ClassVar[tuple[str, ...]] = ("batch_size",)
     _max_tokens_field: ClassVar[str | None] = "max_new_tokens"
     _gen_fields: ClassVar[tuple[str, ...]] = _call_fields[:6]
 

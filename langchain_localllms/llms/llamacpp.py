@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import codecs
 import inspect
-import threading
-import weakref
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,6 +14,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from langchain_localllms._base import Call, LocalLLM
 from langchain_localllms._files import cpu_count, model_file
 from langchain_localllms._imports import require
+from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar
 from langchain_localllms.prompts import ModelInfo
@@ -141,8 +141,7 @@ class LlamaCpp(LocalLLM):
         "mirostat_tau", "mirostat_eta", "seed", "echo", "grammar",
     )  # fmt: skip
 
-    _llm: Any = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _shared: SharedModel[Any] | None = PrivateAttr(default=None)
     _grammars: dict[str, Any] = PrivateAttr(default_factory=dict)
     _sliding_window: bool = PrivateAttr(default=False)
 
@@ -197,8 +196,9 @@ class LlamaCpp(LocalLLM):
         if kwargs.get("vocab_only"):
             msg = "vocab_only=True loads no weights, so nothing could be generated"
             raise ValueError(msg)
+        warn_if_amx_build(llama_cpp)
         try:
-            self._llm = llama_cpp.Llama(model_path=str(path), **kwargs)
+            llm = llama_cpp.Llama(model_path=str(path), **kwargs)
         except ValueError as e:
             msg = (
                 f"llama.cpp could not load {path}: {e}. The file may be truncated, "
@@ -206,9 +206,9 @@ class LlamaCpp(LocalLLM):
                 "need more memory than is free; run with verbose=True for the reason."
             )
             raise ValueError(msg) from e
-        # Free the native model when this object goes, and at the latest at exit,
+        # Freed when the last copy of this instance goes, and at the latest at exit,
         # before Python tears down the modules llama-cpp-python's destructor needs.
-        weakref.finalize(self, self._llm.close)
+        self._shared = SharedModel(llm, llm.close, name="llamacpp-generate")
         arch = self._llm.metadata.get("general.architecture", "")
         self._sliding_window = f"{arch}.attention.sliding_window" in self._llm.metadata
 
@@ -220,6 +220,11 @@ class LlamaCpp(LocalLLM):
     def client(self) -> Any:
         """The underlying ``llama_cpp.Llama``."""
         return self._llm
+
+    @property
+    def _llm(self) -> Any:
+        assert self._shared is not None  # set by _setup
+        return self._shared.model
 
     @property
     def gguf_metadata(self) -> dict[str, str]:
@@ -292,8 +297,10 @@ class LlamaCpp(LocalLLM):
         tally.prompt_tokens = len(tokens)
         if p["echo"]:
             yield prompt
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        with self._lock:
+        assert self._shared is not None
+
+        def work(emit: Emit) -> None:
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             if self._sliding_window:
                 # llama-cpp-python's KV prefix reuse corrupts sliding-window caches
                 # (Gemma 2/3): a repeated prompt then decodes differently. Start clean.
@@ -316,18 +323,65 @@ class LlamaCpp(LocalLLM):
             )
             try:
                 tally.finish_reason = "length"
-                for token in steps:
+                for n, token in enumerate(steps, 1):
                     if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                         tally.finish_reason = "stop"
                         break
-                    tally.completion_tokens += 1
-                    text = decoder.decode(llm.detokenize([token]))
-                    if text:
-                        yield text
-                    if tally.completion_tokens >= limit:
+                    # One item per token, text or not, so the reader counts exactly
+                    # the tokens it took.
+                    if not emit((1, decoder.decode(llm.detokenize([token])))) or n >= limit:
                         break
                 tail = decoder.decode(b"", final=True)
                 if tail:
-                    yield tail
+                    emit((0, tail))
             finally:
                 steps.close()
+
+        for n, text in self._shared.stream(work):
+            tally.completion_tokens += n
+            if text:
+                yield text
+
+
+def warn_if_amx_build(llama_cpp: Any) -> None:
+    """Warn once when llama.cpp was built with AMX kernels and this CPU has AMX.
+
+    Those kernels crash on the first decode of K-quant weights (llama.cpp #20824).
+    """
+    global _AMX_CHECKED
+    if _AMX_CHECKED:
+        return
+    _AMX_CHECKED = True
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    if "AMX_INT8 = 1" in info and cpu_has_amx():
+        warnings.warn(
+            "this llama-cpp-python was built with llama.cpp's AMX kernels and this CPU has "
+            "AMX: they crash (segmentation fault) on the first decode of K-quant models "
+            "(llama.cpp #20824). Rebuild without them: "
+            f"{REBUILD_WITHOUT_AMX}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+_AMX_CHECKED = False
+#: The reinstall command for CPUs with AMX (docs/llamacpp.md gives it too).
+REBUILD_WITHOUT_AMX = (
+    'CFLAGS="-mno-amx-int8 -mno-amx-tile -mno-amx-bf16" '
+    'CXXFLAGS="-mno-amx-int8 -mno-amx-tile -mno-amx-bf16" '
+    "pip install --force-reinstall --no-deps --no-cache-dir --no-binary llama-cpp-python "
+    "llama-cpp-python"
+)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this machine's CPU reports AMX (Linux ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False

@@ -9,15 +9,24 @@ greedy instance (same prompt -> same answer) that generates a few dozen tokens a
 from __future__ import annotations
 
 import asyncio
-from typing import Any, ClassVar
+import copy
+import pickle
+import threading
+from collections.abc import Callable
+from itertools import zip_longest
+from typing import Any, ClassVar, TypeVar
 
 import pytest
+from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import set_llm_cache
-from langchain_core.caches import InMemoryCache
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import GenerationChunk
 from langchain_core.prompts import PromptTemplate
+
+T = TypeVar("T")
+#: How long a usage pattern may take before it counts as a hang.
+HANG_S = 120
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 PROMPTS = [
@@ -192,6 +201,109 @@ class LLMContract:
     def test_unknown_option_is_refused(self, llm: BaseLLM) -> None:
         with pytest.raises(TypeError, match="unknown option"):
             llm.invoke(PROMPT, no_such_option=1)
+
+
+    # ------------------------------------------- one instance, any pattern of use
+    # Each pattern runs under a bounded wait: a hang fails the test instead of CI.
+    def test_two_streams_read_in_turn(self, llm: BaseLLM) -> None:
+        a, b = self.prompts[0], self.prompts[1]
+
+        def interleave() -> tuple[str, str]:
+            pieces = list(zip_longest(llm.stream(a), llm.stream(b), fillvalue=""))
+            return "".join(p for p, _ in pieces), "".join(q for _, q in pieces)
+
+        assert bounded(interleave) == (llm.invoke(a), llm.invoke(b))
+
+    def test_call_inside_a_stream(self, llm: BaseLLM) -> None:
+        a, b = self.prompts[0], self.prompts[1]
+
+        def nested() -> tuple[str, list[str]]:
+            outer, inner = [], []
+            for piece in llm.stream(a):
+                outer.append(piece)
+                if len(inner) < 2:
+                    inner.append(llm.invoke(b))
+            return "".join(outer), inner
+
+        outer, inner = bounded(nested)
+        assert outer == llm.invoke(a)
+        assert inner == [llm.invoke(b)] * 2
+
+    def test_call_from_a_token_callback(self, llm: BaseLLM) -> None:
+        b = self.prompts[1]
+        answers: list[str] = []
+
+        class CallsBack(BaseCallbackHandler):
+            def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+                if not answers:
+                    answers.append("")  # once only: the inner call has callbacks too
+                    answers[0] = llm.invoke(b)
+
+        out = bounded(lambda: llm.invoke(PROMPT, config={"callbacks": [CallsBack()]}))
+        assert out == llm.invoke(PROMPT)
+        assert answers == [llm.invoke(b)]
+
+    def test_abandoned_stream_does_not_block_others(self, llm: BaseLLM) -> None:
+        expected = llm.invoke(PROMPT)
+
+        def abandon() -> tuple[str, str]:
+            stream = llm.stream(self.prompts[0])
+            next(stream)  # left open: neither read to the end nor closed
+            same_thread = llm.invoke(PROMPT)
+            other_thread = bounded(llm.invoke, PROMPT)
+            stream.close()
+            return same_thread, other_thread
+
+        assert bounded(abandon) == (expected, expected)
+
+    async def test_two_async_streams_read_in_turn(self, llm: BaseLLM) -> None:
+        a, b = self.prompts[0], self.prompts[1]
+        sa, sb = llm.astream(a), llm.astream(b)
+        texts = ["", ""]
+        live = [sa, sb]
+        while live:
+            for i, s in enumerate((sa, sb)):
+                if s in live:
+                    try:
+                        texts[i] += await asyncio.wait_for(anext(s), HANG_S)
+                    except StopAsyncIteration:
+                        live.remove(s)
+        assert texts == [llm.invoke(a), llm.invoke(b)]
+
+    def test_copies_share_the_model_and_answer_alike(self, llm: BaseLLM) -> None:
+        expected = llm.invoke(PROMPT)
+        shallow = llm.model_copy()
+        deep = copy.deepcopy(llm)
+        assert bounded(shallow.invoke, PROMPT) == expected
+        assert bounded(deep.invoke, PROMPT) == expected
+        assert deep._identifying_params == llm._identifying_params
+
+    def test_pickle_round_trip_loads_the_same_model(self, llm: BaseLLM) -> None:
+        again = pickle.loads(pickle.dumps(llm))
+        assert type(again) is type(llm)
+        assert again._identifying_params == llm._identifying_params
+        assert again.invoke(PROMPT) == llm.invoke(PROMPT)
+
+
+def bounded(fn: Callable[..., T], *args: Any, timeout: float = HANG_S) -> T:
+    """``fn(*args)`` in a helper thread; a test failure if it has not ended in time."""
+    done: list[Any] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            done.append(fn(*args))
+        except BaseException as e:
+            failed.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        pytest.fail(f"hung: {getattr(fn, '__name__', fn)} did not end within {timeout} s")
+    if failed:
+        raise failed[0]
+    return done[0]
 
 
 def _join_stream(llm: BaseLLM, prompt: str, **kwargs: Any) -> Any:

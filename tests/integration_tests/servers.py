@@ -2,7 +2,7 @@
 
 * :func:`llama_server` — llama.cpp's own HTTP server (``llama-server``, what a
   llamafile embeds), built from the llama-cpp-python sdist by
-  ``scripts/build_llama_server.sh``, serving the Gemma GGUF with 4 parallel slots.
+  ``python -m modelkit.native llama-server``, serving the Gemma GGUF with 4 parallel slots.
 * :func:`ollama_server` — a loopback server speaking Ollama's HTTP API as
   ``/work/shared/CONTRACTS.md`` gives it (status codes, NDJSON framing, final metrics
   in nanoseconds, ``{"error"}`` lines, 404 for an unknown model, ``/api/show``,
@@ -111,9 +111,11 @@ def chunked(*chunks: bytes) -> bytes:
 
 # ------------------------------------------------------------------ llama-server
 def llama_server_binary() -> Path:
-    """Path of ``llama-server``, built (once, cached) by the project's script."""
-    script = ROOT / "scripts" / "build_llama_server.sh"
-    out = subprocess.run([str(script), sys.executable], capture_output=True, text=True, check=False)
+    """Path of ``llama-server``, built for this CPU (once, cached) by ``modelkit.native``."""
+    out = subprocess.run(
+        [sys.executable, "-m", "modelkit.native", "llama-server"],
+        capture_output=True, text=True, check=False, cwd=ROOT,
+    )  # fmt: skip
     if out.returncode != 0:
         msg = f"building llama-server failed:\n{out.stderr[-3000:]}"
         raise RuntimeError(msg)

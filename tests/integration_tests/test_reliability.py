@@ -202,3 +202,77 @@ async def test_abandoned_async_stream_frees_the_model() -> None:
     await agen.aclose()
     out = await asyncio.wait_for(llm.ainvoke("hi", max_tokens=1), 60)
     assert isinstance(out, str)
+
+
+# ------------------------------------------------- copies outlive the original
+# A copy shares the loaded model; freeing it with the original used to crash the copy
+# (SIGSEGV), so each runtime runs in a child process.
+COPIES = {
+    "llamacpp": ("LlamaCpp", "model_path=str(modelkit.path('gemma-gguf')), temperature=0, max_tokens=6, n_ctx=256"),
+    "gpt4all": ("GPT4All", "model=str(modelkit.path('tiny-gguf')), temp=0, max_tokens=6, n_ctx=256"),
+    "ctranslate2": ("CTranslate2", "model_path=str(modelkit.path('tiny-ct2')), max_length=6"),
+    "huggingface": ("HuggingFacePipeline", "model_id=str(modelkit.path('tiny-hf')), max_new_tokens=6"),
+}
+_COPY_SCRIPT = """
+import copy, gc, pickle, modelkit
+from langchain_localllms import {cls}
+llm = {cls}({args})
+prompt = "Red cat and blue dog"
+expected = llm.invoke(prompt)
+shallow = llm.model_copy()
+deep = copy.deepcopy(llm)
+del llm
+gc.collect()
+assert shallow.invoke(prompt) == expected, "model_copy answered differently"
+del shallow
+gc.collect()
+assert deep.invoke(prompt) == expected, "deepcopy answered differently"
+restored = pickle.loads(pickle.dumps(deep))
+del deep
+gc.collect()
+assert restored.invoke(prompt) == expected, "unpickled copy answered differently"
+print("COPIES-OK", repr(expected))
+"""
+
+
+@pytest.mark.parametrize("runtime", list(COPIES))
+def test_copies_outlive_the_original(runtime: str) -> None:
+    cls, args = COPIES[runtime]
+    root = Path(__file__).resolve().parents[2]
+    code = _COPY_SCRIPT.format(cls=cls, args=args)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, f"rc={proc.returncode} (negative: killed by a signal): {proc.stderr[-1500:]}"
+    assert "COPIES-OK" in proc.stdout
+
+
+def test_copy_with_another_load_setting_loads_anew() -> None:
+    # n_ctx decides the context llama.cpp allocates: a copy with its own must not run
+    # the original's model.
+    llm = LlamaCpp(model_path=tiny(), n_ctx=512, temperature=0, max_tokens=2)
+    small = llm.model_copy(update={"n_ctx": 64})
+    assert small.client is not llm.client
+    with pytest.raises(ValueError, match="larger n_ctx"):
+        small.invoke("word " * 100)
+    assert isinstance(llm.invoke("word " * 100), str)
+    assert llm.model_copy(update={"temperature": 0.5}).client is llm.client
+
+
+# --------------------------------------------------------------- native builds
+def test_native_builds_have_no_amx_kernels_and_load_without_warning() -> None:
+    # llama.cpp's AMX kernels crash on K-quant models; the kit leaves them out of
+    # every build (LOCALLLMS_AMX=1 opts in).
+    from modelkit import native
+    from tests.integration_tests.servers import llama_server_binary
+
+    libraries = native.installed_libraries()
+    assert any(p.name.startswith("libggml-cpu") for p in libraries), libraries
+    found = native.amx_kernels([*libraries, llama_server_binary()])
+    assert found == 0 or native.amx_wanted(), f"{found} native builds contain AMX kernels"
+    import warnings
+
+    from langchain_localllms.llms import llamacpp
+
+    llamacpp._AMX_CHECKED = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        LlamaCpp(model_path=tiny(), n_ctx=64)

@@ -1,0 +1,187 @@
+"""Our own logic around native code: the shared model's threads, the AMX guard, the smoke check."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import stat
+import sys
+import threading
+import types
+import warnings
+from typing import Any
+
+import pytest
+from pydantic import PrivateAttr
+
+from langchain_localllms import _native
+from langchain_localllms._native import SharedModel
+from langchain_localllms.llms import llamacpp
+from tests.unit_tests.fake import ScriptedLLM
+
+
+def counting(n: int, decoded: list[int]):
+    """A decoding job that emits 0..n-1 and records what it decoded."""
+
+    def work(emit):
+        for i in range(n):
+            decoded.append(i)
+            if not emit(i):
+                return
+
+    return work
+
+
+def test_reader_gets_every_item_and_worker_ends():
+    shared = SharedModel(object(), None, name="t")
+    decoded: list[int] = []
+    assert list(shared.stream(counting(50, decoded))) == list(range(50))
+
+
+def test_closing_early_stops_decoding_within_the_lookahead():
+    shared = SharedModel(object(), None, name="t")
+    decoded: list[int] = []
+    stream = shared.stream(counting(1000, decoded))
+    assert next(stream) == 0
+    stream.close()
+    assert len(decoded) <= 1 + _native.LOOKAHEAD + 1
+
+
+def test_second_stream_in_the_same_thread_is_served():
+    # The first worker holds the model; it must run on to its end without its reader.
+    shared = SharedModel(object(), None, name="t")
+    first = shared.stream(counting(30, []))
+    second = shared.stream(counting(5, []))
+    done = []
+
+    def read():
+        done.append((next(first), list(second), list(first)))
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the second stream waited for the first one's reader"
+    assert done == [(0, list(range(5)), list(range(1, 30)))]
+
+
+def test_an_error_in_the_worker_reaches_the_reader_after_its_items():
+    shared = SharedModel(object(), None, name="t")
+
+    def work(emit):
+        emit("a")
+        raise KeyError("engine failed")
+
+    stream = shared.stream(work)
+    assert next(stream) == "a"
+    with pytest.raises(KeyError, match="engine failed"):
+        next(stream)
+    assert list(shared.stream(counting(2, []))) == [0, 1]  # the model is free again
+
+
+def test_model_is_closed_once_when_the_last_holder_goes():
+    closed = []
+    shared = SharedModel(object(), lambda: closed.append(1), name="t")
+    holder = [shared]
+    del shared
+    assert closed == []
+    holder.clear()
+    assert closed == [1]
+
+
+# ------------------------------------------------------------------ copies
+class HoldsAModel(ScriptedLLM):
+    _model: Any = PrivateAttr(default=None)
+
+    def _setup(self) -> None:
+        self._model = threading.Lock()  # stands for a native handle: cannot be copied
+
+
+def test_copies_share_private_state_and_pickle_rebuilds():
+    llm = HoldsAModel(pieces=["a", "b"], max_tokens=5)
+    deep = copy.deepcopy(llm)
+    assert deep._model is llm._model and deep is not llm
+    llm = ScriptedLLM(pieces=["a", "b"], max_tokens=5)
+    restored = pickle.loads(pickle.dumps(llm))
+    assert restored.invoke("x") == llm.invoke("x") == "ab"
+    assert restored.pieces == ["a", "b"]
+
+
+def test_copy_that_changes_a_load_setting_is_built_anew(monkeypatch):
+    built = []
+    original_setup = ScriptedLLM._setup
+    monkeypatch.setattr(ScriptedLLM, "_setup", lambda self: (built.append(1), original_setup(self)))
+    llm = ScriptedLLM(pieces=["a"])
+    assert built == [1]
+    llm.model_copy(update={"max_tokens": 3})  # a per-call field: shared
+    assert built == [1]
+    again = llm.model_copy(update={"pieces": ["z"]})  # read when loading: built anew
+    assert built == [1, 1] and again.invoke("x") == "z"
+
+
+# ---------------------------------------------------------------- AMX guard
+def fake_llama_cpp(info: bytes):
+    return types.SimpleNamespace(llama_print_system_info=lambda: info)
+
+
+@pytest.mark.parametrize(
+    ("info", "cpu_amx", "warns"),
+    [
+        (b"CPU : AVX2 = 1 | AMX_INT8 = 1 | ", True, True),
+        (b"CPU : AVX2 = 1 | AMX_INT8 = 1 | ", False, False),
+        (b"CPU : AVX2 = 1 | AVX512 = 1 | ", True, False),
+    ],
+)
+def test_amx_build_on_amx_cpu_warns_once_with_the_rebuild_command(monkeypatch, info, cpu_amx, warns):
+    monkeypatch.setattr(llamacpp, "_AMX_CHECKED", False)
+    monkeypatch.setattr(llamacpp, "cpu_has_amx", lambda: cpu_amx)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        llamacpp.warn_if_amx_build(fake_llama_cpp(info))
+        llamacpp.warn_if_amx_build(fake_llama_cpp(info))
+    messages = [str(w.message) for w in seen]
+    if warns:
+        assert len(messages) == 1
+        assert "-mno-amx-int8" in messages[0] and "--no-cache-dir" in messages[0]
+        assert "#20824" in messages[0]
+    else:
+        assert messages == []
+
+
+# ------------------------------------------------------------- smoke check
+def test_a_build_that_crashes_fails_the_step_naming_cause_and_fix(tmp_path, monkeypatch):
+    from modelkit import native
+
+    # A stand-in interpreter that dies as the AMX kernels do on the first decode.
+    crash = tmp_path / "python"
+    crash.write_text(f"#!{sys.executable}\nimport os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    crash.chmod(crash.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(native, "_gguf", lambda: tmp_path / "model.gguf")
+    for amx, fix in (("1", "unset LOCALLLMS_AMX"), ("", "GGML_NATIVE=OFF")):
+        monkeypatch.setenv("LOCALLLMS_AMX", amx)
+        with pytest.raises(SystemExit) as e:
+            native.smoke_library(str(crash))
+        text = str(e.value.code)
+        assert "SIGSEGV" in text and "SMOKE CHECK FAILED" in text and fix in text
+
+
+def test_builds_differ_by_cpu_and_flags(monkeypatch):
+    from modelkit import native
+
+    monkeypatch.delenv("LOCALLLMS_AMX", raising=False)
+    base = native.key("wheel")
+    assert "-mno-amx-tile" in native.build_env()["CXXFLAGS"]
+    monkeypatch.setattr(native, "cpu_flags", lambda: ["avx2", "amx_int8"])
+    assert native.key("wheel") != base
+    monkeypatch.setenv("LOCALLLMS_AMX", "1")
+    assert "-mno-amx" not in native.build_env().get("CXXFLAGS", "")
+    assert native.key("server") != native.key("wheel")
+
+
+def test_amx_kernels_are_found_by_their_symbol(tmp_path):
+    from modelkit import native
+
+    with_amx = tmp_path / "libggml-cpu.so"
+    with_amx.write_bytes(b"\x7fELF...ggml_backend_amx_mul_mat...")
+    without = tmp_path / "libggml-base.so"
+    without.write_bytes(b"\x7fELF...ggml_backend_cpu...")
+    assert native.amx_kernels([with_amx, without]) == 1
