@@ -11,13 +11,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from langchain_localllms._http import (
+    from langchain_localllms.errors import (
         BadRequestError,
+        GrammarSyntaxError,
         IncompleteResponseError,
         NotFoundError,
         ServerError,
     )
-    from langchain_localllms.grammars import Grammar, GrammarSyntaxError
+    from langchain_localllms.grammars import Grammar
     from langchain_localllms.llms.ctranslate2 import CTranslate2
     from langchain_localllms.llms.gpt4all import GPT4All
     from langchain_localllms.llms.huggingface_pipeline import HuggingFacePipeline
@@ -41,11 +42,11 @@ __all__ = [
 ]
 
 _EXPORTS = {
-    "BadRequestError": "langchain_localllms._http",
-    "IncompleteResponseError": "langchain_localllms._http",
-    "NotFoundError": "langchain_localllms._http",
-    "ServerError": "langchain_localllms._http",
-    "GrammarSyntaxError": "langchain_localllms.grammars",
+    "BadRequestError": "langchain_localllms.errors",
+    "IncompleteResponseError": "langchain_localllms.errors",
+    "NotFoundError": "langchain_localllms.errors",
+    "ServerError": "langchain_localllms.errors",
+    "GrammarSyntaxError": "langchain_localllms.errors",
     "CTranslate2": "langchain_localllms.llms.ctranslate2",
     "GPT4All": "langchain_localllms.llms.gpt4all",
     "Grammar": "langchain_localllms.grammars",

@@ -19,12 +19,9 @@ from typing import Any
 import pydantic
 
 from langchain_localllms._imports import require
+from langchain_localllms.errors import GrammarSyntaxError
 
 __all__ = ["Grammar", "GrammarSyntaxError", "check_gbnf"]
-
-
-class GrammarSyntaxError(ValueError):
-    """A GBNF grammar that does not parse; the message names line and column."""
 
 
 class Grammar:

@@ -11,9 +11,10 @@ import pydantic
 from pydantic import BeforeValidator, Field
 
 from langchain_localllms._base import Call
-from langchain_localllms._http import Framing, ServerLLM
+from langchain_localllms._http import Framing
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar
+from langchain_localllms.llms._server import ServerLLM
 from langchain_localllms.prompts import ModelInfo
 
 

@@ -15,7 +15,7 @@ import pytest
 from langchain_core.callbacks import CallbackManager, StreamingStdOutCallbackHandler
 
 from langchain_localllms import Grammar, Llamafile
-from langchain_localllms._http import BadRequestError, IncompleteResponseError
+from langchain_localllms.errors import BadRequestError, IncompleteResponseError
 from tests.integration_tests import servers
 from tests.integration_tests.contract import PROMPT, PROMPTS, LLMContract
 

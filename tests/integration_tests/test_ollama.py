@@ -11,7 +11,7 @@ import pytest
 from langchain_core.callbacks import CallbackManager, StreamingStdOutCallbackHandler
 
 from langchain_localllms import Grammar, Ollama
-from langchain_localllms._http import (
+from langchain_localllms.errors import (
     BadRequestError,
     IncompleteResponseError,
     NotFoundError,

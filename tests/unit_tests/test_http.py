@@ -11,17 +11,19 @@ import pydantic
 import pytest
 
 from langchain_localllms._http import (
-    BadRequestError,
     Endpoint,
-    IncompleteResponseError,
-    NotFoundError,
     RedactedRepr,
-    ServerError,
     read_messages,
     redact_headers,
     redact_url,
     server_message,
     sse_events,
+)
+from langchain_localllms.errors import (
+    BadRequestError,
+    IncompleteResponseError,
+    NotFoundError,
+    ServerError,
 )
 from tests.unit_tests.wire import (
     Chunks,

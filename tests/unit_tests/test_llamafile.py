@@ -14,7 +14,7 @@ from langchain_core.caches import InMemoryCache
 from langchain_core.globals import set_llm_cache
 
 from langchain_localllms import Grammar, Llamafile
-from langchain_localllms._http import (
+from langchain_localllms.errors import (
     BadRequestError,
     IncompleteResponseError,
     NotFoundError,

@@ -12,7 +12,7 @@ import pytest
 from langchain_core.load import dumpd
 
 from langchain_localllms import Grammar, Ollama
-from langchain_localllms._http import IncompleteResponseError, NotFoundError, ServerError
+from langchain_localllms.errors import IncompleteResponseError, NotFoundError, ServerError
 from tests.unit_tests.wire import (
     Chunks,
     FakeServer,

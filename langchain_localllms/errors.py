@@ -1,0 +1,46 @@
+"""The errors this package raises beyond Python's own, importable from the package.
+
+Every error also is one of Python's own types, so code that catches those keeps
+working: a refused request is a ``ValueError``, a missing model a ``LookupError``, a
+reply that broke off a ``ConnectionError``; a bad GBNF grammar is a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequestError",
+    "GrammarSyntaxError",
+    "IncompleteResponseError",
+    "NotFoundError",
+    "ServerError",
+]
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error: an HTTP error status or an error in the stream.
+
+    ``server_message`` is the server's own text, ``status_code`` the HTTP status.
+    """
+
+    def __init__(
+        self, message: str, *, status_code: int | None = None, server_message: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.server_message = server_message
+
+
+class BadRequestError(ServerError, ValueError):
+    """HTTP 400/422: the server refused the request (a bad grammar, a bad value)."""
+
+
+class NotFoundError(ServerError, LookupError):
+    """HTTP 404: no such model, or no such route on this server."""
+
+
+class IncompleteResponseError(ConnectionError):
+    """The reply ended before the server's final message: the answer is incomplete."""
+
+
+class GrammarSyntaxError(ValueError):
+    """A GBNF grammar that does not parse; the message names line and column."""
