@@ -1,8 +1,15 @@
-"""Checks on model paths that every in-process runtime makes before native code runs."""
+"""Model files: path checks before native code runs, and the cache that builds once.
+
+Every conversion, export and build is made once into :func:`cache_root`, with
+:func:`build_once`.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -69,3 +76,46 @@ def progress(message: str, *, show: bool = True) -> None:
     if show:
         sys.stderr.write(f"[langchain-localllms] {message}\n")
         sys.stderr.flush()
+
+
+def cache_root(*parts: str) -> Path:
+    """Where built things are kept, joined with ``parts``.
+
+    ``$LOCALLLMS_CACHE`` when it is set and not empty, else ``~/.cache/langchain-localllms``.
+    """
+    base = os.environ.get("LOCALLLMS_CACHE") or Path.home() / ".cache" / "langchain-localllms"
+    return Path(base).expanduser().joinpath(*parts)
+
+
+def build_once(
+    target: Path,
+    build: Callable[[Path], None],
+    *,
+    ready: Callable[[Path], bool],
+    force: bool = False,
+) -> Path:
+    """Make ``target`` with ``build(tmp)`` unless ``ready(target)``; return ``target``.
+
+    ``build`` writes into a fresh temporary directory beside ``target``, which then
+    takes its place in one rename: an interrupted or failed build leaves nothing that
+    ``ready`` would accept, and of two processes building at once, the first to
+    finish wins and the other uses its result.
+    """
+    if ready(target) and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        if force:
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not ready(target):  # not another process finishing first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

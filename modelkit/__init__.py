@@ -32,7 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-CACHE = Path(os.environ.get("LOCALLLMS_CACHE", Path.home() / ".cache" / "langchain-localllms"))
+from langchain_localllms._files import build_once, cache_root
+
+CACHE = cache_root()
 MODELS = CACHE / "models"
 LLAMA_CPP_PYTHON_VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
 GEMMA_GGUF_NAME = "gemma-3-270m-Q4_K_M.gguf"
@@ -68,19 +70,17 @@ def prepare(name: str) -> Path:
     art = ARTIFACTS[name]
     for dep in art.needs:
         prepare(dep)
-    final = MODELS / name
     if is_ready(name):
         return path(name)
-    tmp = MODELS / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     log(f"building {name}: {art.about}")
     t0 = time.perf_counter()
-    art.build(tmp)
-    _write_manifest(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    log(f"built {name} in {time.perf_counter() - t0:.1f}s -> {final}")
+
+    def build(tmp: Path) -> None:
+        art.build(tmp)
+        _write_manifest(tmp)
+
+    build_once(MODELS / name, build, ready=lambda d: (d / MANIFEST).is_file(), force=True)
+    log(f"built {name} in {time.perf_counter() - t0:.1f}s -> {MODELS / name}")
     return path(name)
 
 

@@ -39,6 +39,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from langchain_localllms._files import build_once
 from modelkit import CACHE, LLAMA_CPP_PYTHON_VERSION, log, sdist
 
 NO_AMX = "-mno-amx-int8 -mno-amx-tile -mno-amx-bf16"
@@ -118,34 +119,22 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
         raise SystemExit(f"[native] failed ({proc.returncode}): {' '.join(cmd)}")
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a finished build into place atomically (a half build is never found)."""
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-# ------------------------------------------------------------------- builds
 def wheel() -> Path:
     """The llama-cpp-python wheel for this CPU, built from the sdist once."""
-    final = ROOT / key("wheel")
-    found = sorted(final.glob("llama_cpp_python-*.whl"))
-    if found:
-        return found[0]
-    tmp = ROOT / f".{final.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    log(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} for this CPU (~5 min on 2 cores)")
-    t0 = time.perf_counter()
-    # --no-cache-dir: pip's wheel cache ignores CFLAGS, so it could hand back a wheel
-    # built with other flags (with AMX kernels, say) on another machine.
-    _run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir",
-         str(sdist()), "-w", str(tmp)],
-        env=build_env(),
-    )  # fmt: skip
-    log(f"built in {time.perf_counter() - t0:.0f}s")
-    _publish(tmp, final)
+
+    def build(tmp: Path) -> None:
+        log(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} for this CPU (~5 min, 2 cores)")
+        t0 = time.perf_counter()
+        # --no-cache-dir: pip's wheel cache ignores CFLAGS, so it could hand back a
+        # wheel built with other flags (with AMX kernels, say) on another machine.
+        _run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir",
+             str(sdist()), "-w", str(tmp)],
+            env=build_env(),
+        )  # fmt: skip
+        log(f"built in {time.perf_counter() - t0:.0f}s")
+
+    final = build_once(ROOT / key("wheel"), build, ready=lambda d: any(d.glob("*.whl")))
     return sorted(final.glob("llama_cpp_python-*.whl"))[0]
 
 
@@ -168,29 +157,29 @@ def install_wheel() -> Path:
 
 def server() -> Path:
     """llama.cpp's ``llama-server`` for this CPU, built from the sdist's llama.cpp once."""
-    final = ROOT / key("server")
-    binary = final / "bin" / "llama-server"
-    if binary.is_file():
-        return binary
-    tmp = ROOT / f".{final.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    src = sdist() / "vendor" / "llama.cpp"
-    env = build_env()
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    log("building llama-server for this CPU (~6 min on 2 cores)")
-    t0 = time.perf_counter()
-    _run(
-        ["cmake", "-S", str(src), "-B", str(tmp), *gen, "-DCMAKE_BUILD_TYPE=Release",
-         "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF",
-         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DGGML_CCACHE=OFF",
-         "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF"],
-        env=env,
-    )  # fmt: skip
-    _run(["cmake", "--build", str(tmp), "--target", "llama-server", "-j", str(os.cpu_count())], env)
-    log(f"built in {time.perf_counter() - t0:.0f}s")
-    log(smoke_server(tmp / "bin" / "llama-server"))  # a build that fails is never kept
-    _publish(tmp, final)
-    return binary
+
+    def build(tmp: Path) -> None:
+        src = sdist() / "vendor" / "llama.cpp"
+        env = build_env()
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        log("building llama-server for this CPU (~6 min on 2 cores)")
+        t0 = time.perf_counter()
+        _run(
+            ["cmake", "-S", str(src), "-B", str(tmp), *gen, "-DCMAKE_BUILD_TYPE=Release",
+             "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF",
+             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DGGML_CCACHE=OFF",
+             "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF"],
+            env=env,
+        )  # fmt: skip
+        jobs = str(os.cpu_count())
+        _run(["cmake", "--build", str(tmp), "--target", "llama-server", "-j", jobs], env)
+        log(f"built in {time.perf_counter() - t0:.0f}s")
+        log(smoke_server(tmp / "bin" / "llama-server"))  # a build that fails is never kept
+
+    def ready(d: Path) -> bool:
+        return (d / "bin" / "llama-server").is_file()
+
+    return build_once(ROOT / key("server"), build, ready=ready) / "bin" / "llama-server"
 
 
 # ------------------------------------------------------------------- checks

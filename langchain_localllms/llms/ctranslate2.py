@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import atexit
 import gc
-import hashlib
 import json
 import os
-import shutil
 import threading
 import time
 import weakref
@@ -21,34 +19,21 @@ from pydantic import Field, PrivateAttr, field_validator
 from langchain_localllms._base import Call, LocalLLM, identity_value
 from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms._files import model_dir
-from langchain_localllms._files import progress as report_progress
 from langchain_localllms._imports import require
 from langchain_localllms._stop import StopStream, truncate
 from langchain_localllms._usage import Tally
+from langchain_localllms.conversion import QUANTIZATIONS, TOKENIZER_FILES, convert_to_ctranslate2
 from langchain_localllms.prompts import ModelInfo
 
-__all__ = ["CTranslate2", "conversion_key", "convert"]
+__all__ = ["CTranslate2"]
 
 
 #: What ``ctranslate2.Generator(compute_type=...)`` accepts.
-COMPUTE_TYPES = (
-    "default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16",
-    "int16", "float16", "bfloat16", "float32",
-)  # fmt: skip
-#: What the converter's ``quantization`` accepts (``None``: keep the weights' type).
-QUANTIZATIONS = COMPUTE_TYPES[2:]
-_DEVICES = ("cpu", "cuda", "auto")
+COMPUTE_TYPES = ("default", "auto", *QUANTIZATIONS)
 #: ``ctranslate2.Generator`` arguments that ``ctranslate2_kwargs`` may carry.
 _GENERATOR_KWARGS = (
     "inter_threads", "intra_threads", "max_queued_batches", "flash_attention",
     "tensor_parallel", "files",
-)  # fmt: skip
-#: Files of a Hugging Face model directory that a conversion copies (the tokenizer).
-_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
-    "sentencepiece.bpe.model", "generation_config.json", "chat_template.jinja",
-    "chat_template.json",
 )  # fmt: skip
 
 #: ``generate_batch`` options this class refuses, and what to do instead.
@@ -332,7 +317,7 @@ class CTranslate2(LocalLLM):
     def _load_tokenizer(self, path: Path) -> Any:
         name = self.tokenizer_name
         if name is None:
-            if not any((path / f).is_file() for f in (*_TOKENIZER_FILES[:3], "vocab.json")):
+            if not any((path / f).is_file() for f in (*TOKENIZER_FILES[:3], "vocab.json")):
                 msg = (
                     f"{path} holds no tokenizer files: pass tokenizer_name= (the Hugging "
                     "Face model directory or hub name the model was converted from), or "
@@ -692,7 +677,9 @@ class CTranslate2(LocalLLM):
         if "model_path" in kwargs:
             msg = "from_pretrained sets model_path itself (the converted copy); do not pass it"
             raise TypeError(msg)
-        path = convert(model_dir, quantization, cache_dir=cache_dir, force=force, progress=progress)
+        path = convert_to_ctranslate2(
+            model_dir, quantization, cache_dir=cache_dir, force=force, show_progress=progress
+        )
         return cls(model_path=str(path), **kwargs)
 
 
@@ -782,131 +769,3 @@ def _ct2_dir(path: str | os.PathLike[str]) -> Path:
         )
         raise ValueError(msg)
     return model_dir(p, kind="CTranslate2 model", must_have=("model.bin", "config.json"))
-
-
-def _hf_dir(path: str | os.PathLike[str]) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        msg = (
-            f"Hugging Face model directory not found: {p}. from_pretrained converts a "
-            "local directory; download the model first (e.g. `hf download <name> "
-            "--local-dir <dir>`)."
-        )
-        raise FileNotFoundError(msg)
-    if not p.is_dir():
-        msg = f"{p} is a file; give the Hugging Face model directory"
-        raise NotADirectoryError(msg)
-    if (p / "model.bin").is_file():
-        msg = f"{p} is already a CTranslate2 model: use CTranslate2(model_path={str(p)!r})"
-        raise ValueError(msg)
-    if not (p / "config.json").is_file():
-        msg = f"{p} is not a Hugging Face model directory: it has no config.json"
-        raise ValueError(msg)
-    return p
-
-
-def cache_root() -> Path:
-    """Where converted models are cached: ``$LOCALLLMS_CACHE/ct2``."""
-    base = os.environ.get("LOCALLLMS_CACHE") or Path.home() / ".cache" / "langchain-localllms"
-    return Path(base).expanduser() / "ct2"
-
-
-def conversion_key(source: Path, quantization: str | None, version: str) -> str:
-    """A short hash of what a conversion depends on.
-
-    The source directory's resolved path, the name, size and modification time of each
-    file in it, the quantization and the CTranslate2 version: change any and the
-    model is converted again.
-    """
-    files = sorted(
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.iterdir() if f.is_file()
-    )
-    blob = json.dumps(
-        {
-            "source": str(source.resolve()),
-            "files": files,
-            "quantization": quantization,
-            "ctranslate2": version,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _is_converted(path: Path) -> bool:
-    return (path / "model.bin").is_file() and (path / "config.json").is_file()
-
-
-def convert(
-    model_dir: str | os.PathLike[str],
-    quantization: str | None = None,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Convert a Hugging Face model directory to CTranslate2 once; return the copy.
-
-    The tokenizer files are copied along. The result is cached under a key of the
-    source (path, file sizes and times), the quantization and the CTranslate2
-    version, and written atomically, so an interrupted conversion leaves nothing.
-
-    Raises:
-        FileNotFoundError: ``model_dir`` does not exist.
-        ValueError: ``model_dir`` is not a Hugging Face model, ``quantization`` is
-            unknown, or CTranslate2 cannot convert this architecture.
-    """
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        msg = f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)} (or None)"
-        raise ValueError(msg)
-    src = _hf_dir(model_dir)
-    ct2 = require("ctranslate2", feature="CTranslate2.from_pretrained")
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    key = conversion_key(src, quantization, ct2.__version__)
-    target = root / f"{src.resolve().name}-{quantization or 'default'}-{key}"
-
-    def report(msg: str) -> None:
-        report_progress(msg, show=progress)
-
-    if _is_converted(target) and not force:
-        report(f"using the CTranslate2 conversion of {src} cached in {target}")
-        return target
-    require("torch", feature="CTranslate2.from_pretrained (conversion loads the model)")
-    converters = require("ctranslate2.converters", feature="CTranslate2.from_pretrained")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    report(
-        f"converting {src} to CTranslate2 ({quantization or 'weights as saved'}) -> "
-        f"{target} (once; later calls reuse it)"
-    )
-    began = time.perf_counter()
-    copy = [name for name in _TOKENIZER_FILES if (src / name).is_file()]
-    try:
-        converter = converters.TransformersConverter(str(src), copy_files=copy)
-        converter.convert(str(tmp), quantization=quantization, force=True)
-    except ValueError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        msg = f"CTranslate2 cannot convert {src}: {e}"
-        raise ValueError(msg) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    seconds = time.perf_counter() - began
-    about = {
-        "source": str(src.resolve()),
-        "quantization": quantization,
-        "ctranslate2": ct2.__version__,
-        "seconds": round(seconds, 1),
-    }
-    (tmp / "langchain-localllms.json").write_text(json.dumps(about, indent=1))
-    if force:
-        shutil.rmtree(target, ignore_errors=True)
-    try:
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_converted(target):  # not another process finishing first
-            raise
-    report(f"converted in {seconds:.1f}s -> {target}")
-    return target

@@ -40,10 +40,10 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from langchain_localllms._base import Call, LocalLLM
 from langchain_localllms._detok import CONTEXT_TOKENS, IncrementalDetokenizer
-from langchain_localllms._files import progress
 from langchain_localllms._imports import require
 from langchain_localllms._stop import truncate
 from langchain_localllms._usage import Tally
+from langchain_localllms.conversion import OPENVINO_WEIGHT_FORMATS, export_openvino
 from langchain_localllms.grammars import Grammar
 from langchain_localllms.prompts import ModelInfo
 
@@ -408,9 +408,6 @@ def _load_torch(req: LoadRequest) -> Any:
     return model
 
 
-_OV_WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
-
-
 def _load_openvino(req: LoadRequest) -> Any:
     """``backend="openvino"``: optimum-intel's ``OVModelFor*``.
 
@@ -426,8 +423,8 @@ def _load_openvino(req: LoadRequest) -> Any:
     kwargs = dict(req.load_kwargs)
     kwargs.pop("trust_remote_code", None)  # exported graphs run no Python from the model
     weight_format = kwargs.pop("weight_format", None)
-    if weight_format is not None and weight_format not in _OV_WEIGHT_FORMATS:
-        msg = f"weight_format={weight_format!r}: choose one of {', '.join(_OV_WEIGHT_FORMATS)}"
+    if weight_format is not None and weight_format not in OPENVINO_WEIGHT_FORMATS:
+        msg = f"weight_format={weight_format!r}: choose one of {', '.join(OPENVINO_WEIGHT_FORMATS)}"
         raise ValueError(msg)
     device = kwargs.pop("device", None)
     if device is None:
@@ -438,7 +435,7 @@ def _load_openvino(req: LoadRequest) -> Any:
     source = Path(req.source)
     xml = "openvino_model.xml" if not seq2seq else "openvino_encoder_model.xml"
     if not (source / xml).is_file():
-        source = _export_openvino(cls, source, weight_format)
+        source = export_openvino(cls, source, weight_format)
     elif weight_format is not None:
         msg = (
             f"{source} is already exported to OpenVINO; weight_format applies when "
@@ -450,43 +447,6 @@ def _load_openvino(req: LoadRequest) -> Any:
     except RuntimeError as e:
         msg = f"OpenVINO could not load {source} on device {device!r}: {e}"
         raise ValueError(msg) from e
-
-
-def _export_openvino(cls: Any, source: Path, weight_format: str | None) -> Path:
-    """Export a transformers directory to OpenVINO once; return the cached export."""
-    import hashlib
-
-    if not source.is_dir():
-        msg = f"backend='openvino' exports local directories only; {source} is not one"
-        raise FileNotFoundError(msg)
-    config = source / "config.json"
-    stamp = f"{source.resolve()}|{config.stat().st_mtime_ns if config.is_file() else 0}"
-    key = hashlib.sha256(f"{stamp}|{weight_format}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LOCALLLMS_CACHE", Path.home() / ".cache" / "langchain-localllms"))
-    out = cache / "openvino" / f"{source.name}-{weight_format or 'fp32'}-{key}"
-    if (out / "openvino_model.xml").is_file() or (out / "openvino_encoder_model.xml").is_file():
-        return out
-    progress(
-        f"exporting {source} to OpenVINO ({weight_format or 'fp32'}) -> {out} "
-        "(once; later loads reuse it)"
-    )
-    options: dict[str, Any] = {"export": True, "compile": False}
-    if weight_format in ("int8", "int4"):
-        intel = require("optimum.intel", feature='HuggingFacePipeline(backend="openvino")')
-        options["quantization_config"] = intel.OVWeightQuantizationConfig(
-            bits=8 if weight_format == "int8" else 4
-        )
-    else:  # no automatic int8 compression of large models: fp32/fp16 as asked
-        options["load_in_8bit"] = False
-    model = cls.from_pretrained(str(source), **options)
-    if weight_format == "fp16":
-        model.half()
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(str(tmp))
-    transformers = require("transformers")
-    transformers.AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(tmp))
-    tmp.rename(out)
-    return out
 
 
 #: backend name -> loader. A loader returns a model whose ``generate`` takes the

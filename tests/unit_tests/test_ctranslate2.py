@@ -9,11 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from langchain_localllms._detok import IncrementalDetokenizer
-from langchain_localllms.llms.ctranslate2 import (
-    _tokens_until_stop,
-    conversion_key,
-    convert,
-)
+from langchain_localllms.conversion import conversion_key
+from langchain_localllms.conversion import convert_to_ctranslate2 as convert
+from langchain_localllms.llms.ctranslate2 import _tokens_until_stop
 
 # A SentencePiece-like vocabulary: "▁" pieces, UTF-8 byte-fallback tokens, merged
 # pieces and special tokens (skipped when decoding).

@@ -185,3 +185,41 @@ def test_amx_kernels_are_found_by_their_symbol(tmp_path):
     without = tmp_path / "libggml-base.so"
     without.write_bytes(b"\x7fELF...ggml_backend_cpu...")
     assert native.amx_kernels([with_amx, without]) == 1
+
+
+# --------------------------------------------------------------- build once
+def test_build_once_is_atomic_and_reused(tmp_path):
+    from langchain_localllms._files import build_once
+
+    target = tmp_path / "thing"
+    calls = []
+
+    def build(tmp):
+        calls.append(tmp)
+        (tmp / "done").write_text("x")
+
+    def ready(p):
+        return (p / "done").is_file()
+
+    assert build_once(target, build, ready=ready) == target
+    assert build_once(target, build, ready=ready) == target
+    assert len(calls) == 1 and ready(target)
+
+    def broken(tmp):
+        (tmp / "half").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_once(tmp_path / "other", broken, ready=ready)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"], "a half build was left"
+
+
+def test_cache_root_ignores_an_empty_setting(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from langchain_localllms._files import cache_root
+
+    monkeypatch.setenv("LOCALLLMS_CACHE", "")
+    assert cache_root("ct2") == Path.home() / ".cache" / "langchain-localllms" / "ct2"
+    monkeypatch.setenv("LOCALLLMS_CACHE", str(tmp_path))
+    assert cache_root("openvino", "x") == tmp_path / "openvino" / "x"
