@@ -75,16 +75,22 @@ class StopStream:
             self._held = ""
             return buf
         hit = find_stop(buf, self.stops)
-        if hit is not None:
+        keep = self._partial_tail(buf)
+        if hit is not None and len(buf) - keep >= hit[0]:
             self.stopped, self.matched, self._held = True, hit[1], ""
             return buf[: hit[0]]
-        keep = self._partial_tail(buf)
+        # Held: a suffix that may begin a stop, also one that would begin before a
+        # stop already complete (["X.X", "."] on "X." then "X" must cut at "X.X").
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep]
 
     def flush(self) -> str:
-        """End of generation: release whatever was held back."""
+        """End of generation: release what was held back, up to a stop inside it."""
         held, self._held = self._held, ""
+        hit = find_stop(held, self.stops)
+        if hit is not None:
+            self.stopped, self.matched = True, hit[1]
+            return held[: hit[0]]
         return held
 
     def _partial_tail(self, buf: str) -> int:
