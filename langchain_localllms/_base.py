@@ -274,8 +274,11 @@ class LocalLLM(BaseLLM):
         async for piece in iterate_in_thread(lambda: self._pieces(prompt, call, tally)):
             yield piece
 
-    def _generate_batch(self, prompts: list[str], call: Call) -> list[Generation] | None:
-        """Runtimes that batch natively return one generation per prompt, else None."""
+    def _generate_batch(self, prompts: list[str], call: Call) -> list[Row] | None:
+        """Runtimes that batch natively return one :class:`Row` per prompt, else None.
+
+        The base cuts each row at its stops and reports usage as it does for streams.
+        """
         return None
 
     def _llm_output_extra(self) -> dict[str, Any]:
@@ -401,7 +404,10 @@ class LocalLLM(BaseLLM):
     ) -> LLMResult:
         generations: list[Generation] | None = None
         if len(prompts) > 1:
-            generations = self._generate_batch(prompts, self._resolve(stop, kwargs))
+            call = self._resolve(stop, kwargs)
+            rows = self._generate_batch(prompts, call)
+            if rows is not None:
+                generations = [row.finish(call.stops) for row in rows]
         if generations is None:
 
             def one(prompt: str) -> Generation:
@@ -425,11 +431,11 @@ class LocalLLM(BaseLLM):
     ) -> LLMResult:
         if len(prompts) > 1 and self._batches_natively():
             call = self._resolve(stop, kwargs)
-            generations = await asyncio.get_running_loop().run_in_executor(
+            rows = await asyncio.get_running_loop().run_in_executor(
                 None, self._generate_batch, prompts, call
             )
-            if generations is not None:
-                gens = [[g] for g in generations]
+            if rows is not None:
+                gens = [[row.finish(call.stops)] for row in rows]
                 return LLMResult(generations=gens, llm_output=self._llm_output(gens))
         limit = asyncio.Semaphore(await self._aconcurrency() if len(prompts) > 1 else 1)
 
@@ -453,6 +459,33 @@ class LocalLLM(BaseLLM):
 
     def _batches_natively(self) -> bool:
         return type(self)._generate_batch is not LocalLLM._generate_batch
+
+
+@dataclass
+class Row:
+    """One prompt's answer from a native batch, before stops are applied.
+
+    ``pieces`` holds the text of each generated token in order (empty where a token
+    completes no character yet), so the stop that ends the answer also ends its token
+    count; ``prefix`` is text shown before the answer (an echoed prompt).
+    """
+
+    pieces: list[str]
+    tally: Tally
+    prefix: str = ""
+
+    def finish(self, stops: Sequence[str]) -> Generation:
+        """Cut at the first stop and build usage, exactly as a stream would."""
+        assembler = _Assembler(stops, self.tally)
+        text = [assembler.feed(self.prefix)] if self.prefix else []
+        for n, piece in enumerate(self.pieces, 1):
+            text.append(assembler.feed(piece))
+            if assembler.stopped:
+                self.tally.completion_tokens = n
+                break
+        final = assembler.finish()
+        body = "".join(c.text for c in text if c is not None) + final.text
+        return Generation(text=body, generation_info=final.generation_info)
 
 
 class _Assembler:

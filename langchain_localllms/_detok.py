@@ -49,7 +49,18 @@ class IncrementalDetokenizer:
 
     def text(self, ids: Sequence[int]) -> str:
         """The text of ``ids`` all at once (what pushing each and flushing gives)."""
-        return "".join([self.push(i) for i in ids]) + self.flush()
+        return "".join(self.pieces(ids))
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """The text each of ``ids`` adds, in order; what is held at the end goes last."""
+        out = [self.push(i) for i in ids]
+        tail = self.flush()
+        if tail:
+            if out:
+                out[-1] += tail
+            else:
+                out.append(tail)
+        return out
 
     def _emit(self, final: bool) -> str:
         if self._shown == len(self._ids):

@@ -27,6 +27,7 @@ from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
 M = TypeVar("M")
+T = TypeVar("T")
 
 #: How many pieces a worker decodes ahead of its reader when nobody else waits.
 LOOKAHEAD = 2
@@ -112,3 +113,22 @@ class SharedModel(Generic[M]):
                 state["gone"] = True
                 cond.notify_all()
             worker.join()
+
+    def run(self, work: Callable[[], T]) -> T:
+        """Run ``work()`` in this thread while holding the model (calls that don't stream).
+
+        Waiting here counts as waiting for the model, so a stream that holds it runs on
+        to its end instead of waiting for its reader.
+        """
+        with self._cond:
+            self._waiting += 1
+            self._cond.notify_all()
+        try:
+            self._busy.acquire()
+        finally:
+            with self._cond:
+                self._waiting -= 1
+        try:
+            return work()
+        finally:
+            self._busy.release()

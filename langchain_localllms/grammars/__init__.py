@@ -14,14 +14,14 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 
 from langchain_localllms._imports import require
 from langchain_localllms.errors import GrammarSyntaxError
 
-__all__ = ["Grammar", "GrammarSyntaxError", "check_gbnf"]
+__all__ = ["Grammar", "GrammarField", "GrammarSyntaxError", "check_gbnf", "json_schema_of"]
 
 
 class Grammar:
@@ -348,3 +348,41 @@ def check_gbnf(text: str, *, source: str | None = None) -> None:
         msg = "the GBNF grammar is empty"
         raise GrammarSyntaxError(msg)
     _Parser(text, source).parse()
+
+
+def _optional_grammar(value: Any) -> Grammar | None:
+    return None if value is None else Grammar.coerce(value)
+
+
+#: The type of a ``grammar`` field: whatever :meth:`Grammar.coerce` takes, validated
+#: into a :class:`Grammar` both at construction and per call.
+GrammarField = Annotated[Any, pydantic.BeforeValidator(_optional_grammar)]
+
+
+def json_schema_of(value: Any, *, field: str, gbnf_refused: str) -> dict[str, Any]:
+    """A JSON schema from a dict, JSON text, a pydantic model class or a schema Grammar.
+
+    Args:
+        value: What the user gave.
+        field: The argument's name, for messages.
+        gbnf_refused: What to say when ``value`` is a GBNF-only Grammar.
+    """
+    if isinstance(value, type) and issubclass(value, pydantic.BaseModel):
+        return value.model_json_schema()
+    if isinstance(value, Grammar):
+        if value.schema is None:
+            raise ValueError(gbnf_refused)
+        return value.schema
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            msg = f"{field} must be a JSON schema, got the string {value[:80]!r}"
+            raise ValueError(msg) from None
+    if not isinstance(value, dict):
+        msg = (
+            f"{field} must be a JSON-schema dict, JSON text or a pydantic model class, "
+            f"got {type(value).__name__}"
+        )
+        raise TypeError(msg)
+    return value

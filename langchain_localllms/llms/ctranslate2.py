@@ -13,14 +13,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from langchain_core.outputs import Generation
 from pydantic import Field, PrivateAttr, field_validator
 
-from langchain_localllms._base import Call, LocalLLM, identity_value
+from langchain_localllms._base import Call, LocalLLM, Row, identity_value
 from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms._files import model_dir
 from langchain_localllms._imports import require
-from langchain_localllms._stop import StopStream, truncate
+from langchain_localllms._stop import StopStream
 from langchain_localllms._usage import Tally
 from langchain_localllms.conversion import QUANTIZATIONS, TOKENIZER_FILES, convert_to_ctranslate2
 from langchain_localllms.prompts import ModelInfo
@@ -597,7 +596,7 @@ class CTranslate2(LocalLLM):
         finally:
             steps.close()  # stops decoding at the next step and waits for it
 
-    def _generate_batch(self, prompts: list[str], call: Call) -> list[Generation]:
+    def _generate_batch(self, prompts: list[str], call: Call) -> list[Row]:
         p = call.params
         static, encoded = self._prompts(prompts, p)
         options = self._options(p, static)
@@ -625,25 +624,18 @@ class CTranslate2(LocalLLM):
             callback=None if beams else on_step,
             **options,
         )
-        generations = []
+        rows = []
         for i, (ids, context, result) in enumerate(zip(encoded, contexts, results, strict=True)):
             out = list(result.sequences_ids[0])
-            text, hit = truncate(self._detokenizer(context).text(out), call.stops)
             tally = Tally(
                 prompt_tokens=len(ids) + len(static or []),
                 completion_tokens=len(out),
+                finish_reason="length" if len(out) >= p["max_length"] else "stop",
                 started=started,
             )
             tally.first_piece = first_step.get(i)
-            if hit is not None:
-                # Count the tokens decoded until the stop showed, as streaming does.
-                tally.completion_tokens = _tokens_until_stop(
-                    self._detokenizer(context), out, call.stops
-                )
-            else:
-                tally.finish_reason = "length" if len(out) >= p["max_length"] else "stop"
-            generations.append(Generation(text=text, generation_info=tally.info(hit)))
-        return generations
+            rows.append(Row(self._detokenizer(context).pieces(out), tally))
+        return rows
 
     # ---------------------------------------------------------------- converting
     @classmethod
@@ -720,17 +712,6 @@ class _StopWatch:
     def push(self, token_id: int) -> bool:
         self._stops.push(self._detok.push(token_id))
         return self._stops.stopped
-
-
-def _tokens_until_stop(
-    detok: IncrementalDetokenizer, ids: Sequence[int], stops: Sequence[str]
-) -> int:
-    """How many of ``ids`` were decoded when a stop sequence first showed."""
-    watch = _StopWatch(detok, stops)
-    for n, token_id in enumerate(ids, 1):
-        if watch.push(token_id):
-            return n
-    return len(ids)
 
 
 # ------------------------------------------------------------------- model files

@@ -21,9 +21,9 @@ backend loads torch models with ``AutoModelFor*``; ``backend="openvino"`` loads
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import queue
 import socket
 import threading
 import time
@@ -35,16 +35,15 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.outputs import Generation
 from pydantic import Field, PrivateAttr, field_validator
 
-from langchain_localllms._base import Call, LocalLLM
+from langchain_localllms._base import Call, LocalLLM, Row
 from langchain_localllms._detok import CONTEXT_TOKENS, IncrementalDetokenizer
 from langchain_localllms._imports import require
-from langchain_localllms._stop import truncate
+from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
 from langchain_localllms.conversion import OPENVINO_WEIGHT_FORMATS, export_openvino
-from langchain_localllms.grammars import Grammar
+from langchain_localllms.grammars import Grammar, GrammarField
 from langchain_localllms.prompts import ModelInfo
 
 DEFAULT_MODEL_ID = "gpt2"
@@ -728,7 +727,7 @@ class HuggingFacePipeline(LocalLLM):
     """Penalty for repeating tokens (1: off)."""
     seed: int | None = None
     """Seed torch's generator before each call, for repeatable sampling."""
-    grammar: Any = None
+    grammar: GrammarField = None
     """Constrain the output: GBNF text, a :class:`Grammar`, a JSON schema dict or a
     pydantic model class (decoded through xgrammar)."""
 
@@ -749,14 +748,9 @@ class HuggingFacePipeline(LocalLLM):
     _model_set: dict[str, Any] = PrivateAttr(default_factory=dict)
     _defaults: dict[str, Any] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr(default="")
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _shared: SharedModel[Any] | None = PrivateAttr(default=None)
     _tok_lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
     _grammars: dict[str, Any] = PrivateAttr(default_factory=dict)
-
-    @field_validator("grammar", mode="before")
-    @classmethod
-    def _coerce_grammar(cls, value: Any) -> Grammar | None:
-        return None if value is None else Grammar.coerce(value)
 
     @field_validator("device", mode="before")
     @classmethod
@@ -913,6 +907,7 @@ class HuggingFacePipeline(LocalLLM):
         self.pipeline = pipe
         self.task = task
         self._model, self._tokenizer = model, tokenizer
+        self._shared = SharedModel(model, None, name="huggingface-generate")
         self._seq2seq = bool(model.config.is_encoder_decoder)
         self._defaults = _pipeline_defaults(pipe)
 
@@ -953,6 +948,7 @@ class HuggingFacePipeline(LocalLLM):
             self.model_id = getattr(model, "name_or_path", None) or DEFAULT_MODEL_ID
         self._source = self.model_id
         self._model, self._tokenizer = model, tokenizer
+        self._shared = SharedModel(model, None, name="huggingface-generate")
         self._seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         self._on_cpu = _runs_on_cpu(model)
         self._defaults = _pipeline_defaults(pipe)
@@ -1032,8 +1028,7 @@ class HuggingFacePipeline(LocalLLM):
             if call_options.get("skip_prompt") is not None:
                 layers.append(_Layer(echo=not call_options["skip_prompt"]))
         out = _resolve(layers, self._model_set, self._defaults)
-        grammar = params.get("grammar")
-        out.grammar = None if grammar is None else Grammar.coerce(grammar)
+        out.grammar = params.get("grammar")  # a Grammar: fields coerce it, also per call
         out.seed = params.get("seed")
         return out
 
@@ -1042,9 +1037,8 @@ class HuggingFacePipeline(LocalLLM):
         return self._settings(call.params, options)
 
     # ------------------------------------------------------------- grammar
-    def _compiled(self, grammar: Any) -> Any:
-        """The xgrammar-compiled form of ``grammar`` for this tokenizer (cached)."""
-        g = Grammar.coerce(grammar)
+    def _compiled(self, g: Grammar) -> Any:
+        """The xgrammar-compiled form of ``g`` for this tokenizer (cached)."""
         hit = self._grammars.get(g.identity)
         if hit is not None:
             return hit
@@ -1093,24 +1087,17 @@ class HuggingFacePipeline(LocalLLM):
         tally.prompt_tokens = job.prompt_tokens[0]
         if settings.echo:
             yield prompt
-        tokens: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        worker = threading.Thread(
-            target=job.run_into, args=(tokens,), name="huggingface-generate", daemon=True
-        )
         decoder = IncrementalDetokenizer(self._decode, job.contexts[0])
         eos = job.eos
-        worker.start()
+
+        def work(emit: Emit) -> None:
+            job.generate(_EmitStreamer(emit, job.cancel))
+
+        assert self._shared is not None
+        steps = self._shared.stream(work)
         try:
-            first = True
-            while True:
-                kind, value = tokens.get()
-                if kind == "error":
-                    raise value
-                if kind == "done":
-                    break
-                if first:  # the prompt (or the decoder's start token) comes first
-                    first = False
-                    continue
+            next(steps, None)  # the prompt (or the decoder's start token) comes first
+            for value in steps:
                 for token in value.reshape(-1).tolist():
                     if token in eos:
                         tally.finish_reason = "stop"
@@ -1121,45 +1108,43 @@ class HuggingFacePipeline(LocalLLM):
                     text = decoder.push(token)
                     if text:
                         yield text
-            tail = decoder.flush()
-            if tail:
-                yield tail
-            if tally.finish_reason is None:
-                why = job.ended.at.get(0, (0, "length"))[1]
-                tally.finish_reason = "stop" if why in ("eos", "stop") else "length"
         finally:
-            job.cancel.set()
-            worker.join()
+            steps.close()
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        if tally.finish_reason is None:
+            why = job.ended.at.get(0, (0, "length"))[1]
+            tally.finish_reason = "stop" if why in ("eos", "stop") else "length"
 
     def _rows_per_generate(self) -> int:
         if self.batch_size is not None:
             return self.batch_size
         return CPU_BATCH_SIZE if self._on_cpu else DEFAULT_BATCH_SIZE
 
-    def _generate_batch(self, prompts: list[str], call: Call) -> list[Generation] | None:
+    def _generate_batch(self, prompts: list[str], call: Call) -> list[Row] | None:
         rows = self._rows_per_generate()
         if rows <= 1:
             return None  # one at a time through the stream, with token callbacks
         settings = self._call_settings(call)
-        generations = []
+        answers = []
         for i in range(0, len(prompts), rows):
             chunk = prompts[i : i + rows]
             job = _Job(self, chunk, settings, call.stops)
-            tallies = [Tally(prompt_tokens=n) for n in job.prompt_tokens]
             clock = _FirstToken()
-            out = job.generate(clock)
+            assert self._shared is not None
+            out = self._shared.run(functools.partial(job.generate, clock))
             for row, prompt in enumerate(chunk):
-                tally = tallies[row]
-                tally.first_piece = clock.at or time.perf_counter()
                 ids, why = job.answer(out, row)
-                tally.completion_tokens = len(ids)
-                tally.finish_reason = "stop" if why in ("eos", "stop") else "length"
-                text = IncrementalDetokenizer(self._decode, job.contexts[row]).text(ids)
-                if settings.echo:
-                    text = prompt + text
-                text, hit = truncate(text, call.stops)
-                generations.append(Generation(text=text, generation_info=tally.info(hit)))
-        return generations
+                tally = Tally(
+                    prompt_tokens=job.prompt_tokens[row],
+                    completion_tokens=len(ids),
+                    finish_reason="stop" if why in ("eos", "stop") else "length",
+                )
+                tally.first_piece = clock.at or time.perf_counter()
+                pieces = IncrementalDetokenizer(self._decode, job.contexts[row]).pieces(ids)
+                answers.append(Row(pieces, tally, prefix=prompt if settings.echo else ""))
+        return answers
 
 
 def _runs_on_cpu(model: Any) -> bool:
@@ -1227,14 +1212,16 @@ class _FirstToken:
         pass
 
 
-class _QueueStreamer:
-    """A streamer that hands token ids to the consuming thread."""
+class _EmitStreamer:
+    """A streamer that hands token ids to the reader; stops generating once it is gone."""
 
-    def __init__(self, sink: queue.SimpleQueue[tuple[str, Any]]) -> None:
-        self._sink = sink
+    def __init__(self, emit: Emit, cancel: threading.Event) -> None:
+        self._emit = emit
+        self._cancel = cancel
 
     def put(self, value: Any) -> None:
-        self._sink.put(("tokens", value))
+        if not self._emit(value):
+            self._cancel.set()  # the stopping criterion ends generate() at the next step
 
     def end(self) -> None:
         pass
@@ -1361,29 +1348,19 @@ class _Job:
         return IncrementalDetokenizer(decode, self.contexts[row]).text(new)
 
     def generate(self, streamer: Any) -> Any:
-        """Run ``model.generate`` (holding the model's lock); None if cancelled first."""
-        with self.llm._lock:
-            if self.cancel.is_set():
-                return None
-            if self.seed is not None:
-                self.torch.manual_seed(self.seed)
-            with self.torch.inference_mode():
-                return self.llm._model.generate(
-                    **self.inputs,
-                    **self.generate_kwargs,
-                    logits_processor=self.processors,
-                    stopping_criteria=self.criteria,
-                    streamer=streamer,
-                )
-
-    def run_into(self, sink: queue.SimpleQueue[tuple[str, Any]]) -> None:
-        """Worker thread: generate, streaming ids into ``sink``; always ends it."""
-        try:
-            self.generate(_QueueStreamer(sink))
-        except BaseException as e:
-            sink.put(("error", e))
-        else:
-            sink.put(("done", None))
+        """Run ``model.generate`` (the caller holds the model); None if cancelled first."""
+        if self.cancel.is_set():
+            return None
+        if self.seed is not None:
+            self.torch.manual_seed(self.seed)
+        with self.torch.inference_mode():
+            return self.llm._model.generate(
+                **self.inputs,
+                **self.generate_kwargs,
+                logits_processor=self.processors,
+                stopping_criteria=self.criteria,
+                streamer=streamer,
+            )
 
     def answer(self, out: Any, row: int) -> tuple[list[int], str]:
         """The new ids of one row, cut where it ended, and why it ended."""

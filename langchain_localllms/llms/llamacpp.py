@@ -9,14 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr
 
 from langchain_localllms._base import Call, LocalLLM
 from langchain_localllms._files import cpu_count, model_file
 from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
-from langchain_localllms.grammars import Grammar
+from langchain_localllms.grammars import Grammar, GrammarField
 from langchain_localllms.prompts import ModelInfo
 
 _F16, _F32 = 1, 0  # ggml type ids of the KV cache
@@ -125,7 +125,7 @@ class LlamaCpp(LocalLLM):
     """Mirostat learning rate."""
     echo: bool = False
     """Return the prompt in front of the answer."""
-    grammar: Any = None
+    grammar: GrammarField = None
     """Constrain the output: GBNF text, a :class:`Grammar`, a JSON schema dict or a
     pydantic model class."""
     grammar_path: str | Path | None = None
@@ -144,11 +144,6 @@ class LlamaCpp(LocalLLM):
     _shared: SharedModel[Any] | None = PrivateAttr(default=None)
     _grammars: dict[str, Any] = PrivateAttr(default_factory=dict)
     _sliding_window: bool = PrivateAttr(default=False)
-
-    @field_validator("grammar", mode="before")
-    @classmethod
-    def _coerce_grammar(cls, value: Any) -> Grammar | None:
-        return None if value is None else Grammar.coerce(value)
 
     def _setup(self) -> None:
         for name in ("suffix", "logprobs"):
@@ -267,8 +262,7 @@ class LlamaCpp(LocalLLM):
         """Tokens of ``text`` in this model's vocabulary."""
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
-    def _llama_grammar(self, grammar: Any) -> Any:
-        g = Grammar.coerce(grammar)
+    def _llama_grammar(self, g: Grammar) -> Any:
         cached = self._grammars.get(g.identity)
         if cached is None:
             llama_grammar = require("llama_cpp.llama_grammar", feature="LlamaCpp")

@@ -4,41 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar
 
-import pydantic
 from pydantic import BeforeValidator, Field
 
 from langchain_localllms._base import Call
 from langchain_localllms._http import Framing
 from langchain_localllms._usage import Tally
-from langchain_localllms.grammars import Grammar
+from langchain_localllms.grammars import Grammar, GrammarField, json_schema_of
 from langchain_localllms.llms._server import ServerLLM
 from langchain_localllms.prompts import ModelInfo
-
-
-def _grammar(value: Any) -> Grammar | None:
-    return None if value is None else Grammar.coerce(value)
 
 
 def _json_schema(value: Any) -> dict[str, Any] | None:
     """A JSON schema from a dict, JSON text, a pydantic model or a schema Grammar."""
     if value is None:
         return None
-    if isinstance(value, type) and issubclass(value, pydantic.BaseModel):
-        return value.model_json_schema()
-    if isinstance(value, Grammar):
-        if value.schema is None:
-            msg = "json_schema needs a JSON schema; a GBNF grammar goes in grammar="
-            raise ValueError(msg)
-        return value.schema
-    if isinstance(value, str):
-        value = Grammar.from_json_schema(value).schema
-    if not isinstance(value, dict):
-        msg = (
-            "json_schema must be a JSON-schema dict, JSON text or a pydantic model "
-            f"class, got {type(value).__name__}"
-        )
-        raise TypeError(msg)
-    return value
+    refused = "json_schema needs a JSON schema; a GBNF grammar goes in grammar="
+    return json_schema_of(value, field="json_schema", gbnf_refused=refused)
 
 
 #: Fields sent as they are in the /completion body when set (None: server default).
@@ -164,7 +145,7 @@ class Llamafile(ServerLLM):
     id_slot: int | None = None
     """Run on this server slot (sent as ``id_slot`` and the fork's ``slot_id``);
     None: the server picks one."""
-    grammar: Annotated[Any, BeforeValidator(_grammar)] = None
+    grammar: GrammarField = None
     """Constrain the output: GBNF text, a :class:`Grammar`, a JSON-schema dict or a
     pydantic model. GBNF is sent as ``grammar``; a schema as ``json_schema``, which
     the llamafile fork lacks: there, send ``Grammar.from_json_schema(s).gbnf``
@@ -221,7 +202,7 @@ class Llamafile(ServerLLM):
             return {"json_schema": _json_schema(json_schema)}
         if grammar is None:
             return {}
-        g = Grammar.coerce(grammar)
+        g: Grammar = grammar
         return {"json_schema": g.schema} if g.schema is not None else {"grammar": g.gbnf}
 
     def _body(self, prompt: str, call: Call) -> dict[str, Any]:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import pydantic
 from pydantic import BeforeValidator, Field
 
 from langchain_localllms._base import Call
 from langchain_localllms._http import Framing
 from langchain_localllms._usage import Tally
-from langchain_localllms.grammars import Grammar
+from langchain_localllms.grammars import Grammar, json_schema_of
 from langchain_localllms.llms._server import ServerLLM
 from langchain_localllms.prompts import ModelInfo
 
@@ -28,29 +26,14 @@ def _format(value: Any) -> str | dict[str, Any] | None:
         return None
     if value == "json":
         return "json"
-    if isinstance(value, type) and issubclass(value, pydantic.BaseModel):
-        return value.model_json_schema()
-    if isinstance(value, Grammar):
-        if value.schema is None:
-            msg = (
-                "Ollama takes no GBNF grammar, only format='json' or a JSON schema "
-                "(a dict, a pydantic model, or Grammar.from_json_schema / from_pydantic)"
-            )
-            raise ValueError(msg)
-        return value.schema
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            msg = f"format must be 'json' or a JSON schema, got the string {value[:80]!r}"
-            raise ValueError(msg) from None
-    if not isinstance(value, dict):
-        msg = (
-            "format must be 'json', a JSON-schema dict or a pydantic model class, "
-            f"got {type(value).__name__}"
-        )
-        raise TypeError(msg)
-    return value
+    return json_schema_of(
+        value,
+        field="format ('json' or a JSON schema)",
+        gbnf_refused=(
+            "Ollama takes no GBNF grammar, only format='json' or a JSON schema "
+            "(a dict, a pydantic model, or Grammar.from_json_schema / from_pydantic)"
+        ),
+    )
 
 
 def _images(value: Any) -> list[str] | None:
@@ -220,7 +203,7 @@ class Ollama(ServerLLM):
     """Images for multimodal models: base64 text, bytes or paths."""
 
     _call_fields: ClassVar[tuple[str, ...]] = (*_OPTIONS, *_TOP_LEVEL)
-    _call_only: ClassVar[tuple[str, ...]] = ("grammar",)
+    _call_only: ClassVar[tuple[str, ...]] = ("grammar",)  # taken as format=, per call
     _temperature_field: ClassVar[str | None] = "temperature"
     _max_tokens_field: ClassVar[str | None] = "num_predict"
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms.conversion import conversion_key
 from langchain_localllms.conversion import convert_to_ctranslate2 as convert
-from langchain_localllms.llms.ctranslate2 import _tokens_until_stop
+from langchain_localllms._base import Row
+from langchain_localllms._usage import Tally
 
 # A SentencePiece-like vocabulary: "▁" pieces, UTF-8 byte-fallback tokens, merged
 # pieces and special tokens (skipped when decoding).
@@ -98,11 +99,18 @@ def test_no_piece_ends_inside_a_character(characters):
     assert not any("\ufffd" in piece for piece in pieces)
 
 
-def test_tokens_until_stop_counts_like_streaming():
+def test_batch_rows_stop_and_count_like_streaming():
     ids = [2, 3, 4, 2, 3]  # "Hello world! Hello world"
-    assert _tokens_until_stop(IncrementalDetokenizer(decode), ids, [" world"]) == 2
-    assert _tokens_until_stop(IncrementalDetokenizer(decode), ids, ["!"]) == 3
-    assert _tokens_until_stop(IncrementalDetokenizer(decode), ids, ["nowhere"]) == 5
+
+    def finish(stops):
+        pieces = IncrementalDetokenizer(decode).pieces(ids)
+        return Row(pieces, Tally(prompt_tokens=1, completion_tokens=len(ids))).finish(stops)
+
+    for stops, text, tokens in (([" world"], "Hello", 2), (["!"], "Hello world", 3), (["nowhere"], "Hello world! Hello world", 5)):
+        gen = finish(stops)
+        assert gen.text == text
+        assert gen.generation_info["completion_tokens"] == tokens
+        assert gen.generation_info["stop_sequence"] == (None if stops == ["nowhere"] else stops[0])
 
 
 # ---------------------------------------------------------------- cache key
