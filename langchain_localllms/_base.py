@@ -51,6 +51,35 @@ _CALL_OPTIONS: ContextVar[dict[str, Any] | None] = ContextVar(
 )
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A parameter a runtime does not take: why, and what to do instead.
+
+    ``None`` ("not set") and the values in ``accept`` (what the runtime does anyway)
+    pass, since code written for other LangChain classes often passes them; any other
+    value is an ``error`` that names the parameter and says why.
+    """
+
+    why: str
+    accept: tuple[Any, ...] = ()
+    error: type[Exception] = TypeError
+
+    def check(self, name: str, value: Any, where: str) -> None:
+        """Raise unless ``value`` is None or accepted."""
+        if value is None or any(value is a or value == a for a in self.accept):
+            return
+        shown = f"{name}={value!r}" if self.accept else f"{name}="
+        msg = f"{where} does not take {shown}: {self.why}"
+        raise self.error(msg)
+
+
+def refuse(table: Mapping[str, Refused], values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Check ``values`` against ``table``; return the values that are not in it."""
+    for name in table.keys() & values.keys():
+        table[name].check(name, values[name], where)
+    return {k: v for k, v in values.items() if k not in table}
+
+
 @dataclass
 class Call:
     """The resolved parameters of one generation: instance defaults + call options."""
@@ -136,21 +165,17 @@ class LocalLLM(BaseLLM):
     def _setup(self) -> None:
         """Load the runtime once the fields are valid (errors reach the user unwrapped)."""
 
-    #: Parameters the LangChain classes take that mean nothing on this runtime, with
-    #: the reason: setting one is an error that says why (``None`` means "not set" and
-    #: is accepted, as code written for those classes often passes it).
-    _refused: ClassVar[dict[str, str]] = {}
+    #: Parameters other LangChain classes (or the runtime's own API) take that this
+    #: class does not: at construction and per call, each is an error that says why
+    #: and what to do instead, unless it is None or an accepted value.
+    _refused: ClassVar[dict[str, Refused]] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _accept_callback_manager(cls, values: Any) -> Any:
         """``callback_manager=`` (the seeds' spelling) is an alias of ``callbacks=``."""
         if isinstance(values, dict):
-            refused = [n for n in values if n in cls._refused and values[n] is not None]
-            if refused:
-                msg = "; ".join(f"{n}=: {cls._refused[n]}" for n in refused)
-                raise TypeError(f"{cls.__name__} does not take {msg}")
-            values = {n: v for n, v in values.items() if n not in cls._refused}
+            values = refuse(cls._refused, values, cls.__name__)
         if isinstance(values, dict) and "callback_manager" in values:
             values = dict(values)
             manager = values.pop("callback_manager")
@@ -231,6 +256,7 @@ class LocalLLM(BaseLLM):
     # ------------------------------------------------------------ call options
     def _check_call_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Validate per-call options; an unknown one is an error, never dropped."""
+        kwargs = refuse(self._refused, kwargs, type(self).__name__)
         allowed = set(self._call_fields) | set(self._call_only)
         unknown = sorted(set(kwargs) - allowed)
         if unknown:

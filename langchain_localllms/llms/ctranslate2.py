@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, field_validator
 
-from langchain_localllms._base import Call, LocalLLM, Row, identity_value
+from langchain_localllms._base import Call, LocalLLM, Refused, Row, identity_value
 from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms._files import model_dir
 from langchain_localllms._imports import require
@@ -35,23 +35,51 @@ _GENERATOR_KWARGS = (
     "tensor_parallel", "files",
 )  # fmt: skip
 
-#: ``generate_batch`` options this class refuses, and what to do instead.
-_REFUSED = {
-    "num_hypotheses": "LangChain's LLM interface returns one text per prompt; to get "
-    "several answers, sample (sampling_topk > 1) and repeat the prompt in batch()",
-    "return_scores": "scores are not part of LangChain's LLM output",
-    "return_logits_vocab": "logits are not part of LangChain's LLM output",
-    "return_alternatives": "alternatives are not part of LangChain's LLM output",
-    "min_alternative_expansion_prob": "it only applies with return_alternatives",
-    "return_end_token": "the end token is a special token and never part of the text",
-    "asynchronous": "use ainvoke / astream / abatch, which do not block the event loop",
-    "callback": "use LangChain callbacks: on_llm_new_token receives every piece",
-}
-_GRAMMAR_ERROR = (
+_NO_GRAMMAR = Refused(
     "CTranslate2 cannot constrain decoding with a grammar: its generate_batch has no "
     "logits hook, so the grammar would be ignored. Use a runtime that can: LlamaCpp, "
-    "Llamafile, Ollama or HuggingFacePipeline."
+    "Llamafile, Ollama or HuggingFacePipeline.",
+    error=ValueError,
 )
+_NOT_OUTPUT = "not part of LangChain's LLM output"
+#: ``generate_batch`` options (and LangChain parameters) this class refuses.
+_REFUSED = {
+    "num_hypotheses": Refused(
+        "LangChain's LLM interface returns one text per prompt; to get several "
+        "answers, sample (sampling_topk > 1) and repeat the prompt in batch()",
+        accept=(1,), error=ValueError,
+    ),
+    "return_scores": Refused(f"scores are {_NOT_OUTPUT}", accept=(False,), error=ValueError),
+    "return_logits_vocab": Refused(f"logits are {_NOT_OUTPUT}", accept=(False,), error=ValueError),
+    "return_alternatives": Refused(
+        f"alternatives are {_NOT_OUTPUT}", accept=(False,), error=ValueError
+    ),
+    "min_alternative_expansion_prob": Refused(
+        "it only applies with return_alternatives", error=ValueError
+    ),
+    "return_end_token": Refused(
+        "the end token is a special token and never part of the text",
+        accept=(False,), error=ValueError,
+    ),
+    "asynchronous": Refused(
+        "use ainvoke / astream / abatch, which do not block the event loop",
+        accept=(False,), error=ValueError,
+    ),
+    "callback": Refused(
+        "use LangChain callbacks: on_llm_new_token receives every piece", error=ValueError
+    ),
+    "include_prompt_in_result": Refused(
+        "the answer never contains the prompt (prepend it yourself if you need it)",
+        accept=(False,), error=ValueError,
+    ),
+    "grammar": _NO_GRAMMAR,
+    "grammar_path": _NO_GRAMMAR,
+    "client": Refused(
+        "CTranslate2 builds its ctranslate2.Generator from model_path, device, "
+        "device_index, compute_type and ctranslate2_kwargs; pass those, not client=",
+        error=ValueError,
+    ),
+}  # fmt: skip
 
 #: How many prompt tokens the detokenizer decodes along with the first answer
 #: tokens, so the answer starts as a continuation (with its leading space).
@@ -178,28 +206,13 @@ class CTranslate2(LocalLLM):
         "cache_static_prompt", "beam_size", "patience", "length_penalty",
         "max_batch_size", "batch_type",
     )  # fmt: skip
-    _call_only: ClassVar[tuple[str, ...]] = (
-        "grammar", "include_prompt_in_result", *_REFUSED,
-    )  # fmt: skip
+    _refused: ClassVar[dict[str, Refused]] = _REFUSED
     _temperature_field: ClassVar[str | None] = "sampling_temperature"
     _max_tokens_field: ClassVar[str | None] = "max_length"
 
     _handle: _Handle | None = PrivateAttr(default=None)
     _end_ids: list[int] = PrivateAttr(default_factory=list)
     _bos: str | None = PrivateAttr(default=None)
-
-    def __init__(self, **data: Any) -> None:
-        for name in ("grammar", "grammar_path"):
-            if data.get(name) is not None:
-                raise ValueError(_GRAMMAR_ERROR)
-        if data.get("client") is not None:
-            msg = (
-                "CTranslate2 builds its ctranslate2.Generator from model_path, device, "
-                "device_index, compute_type and ctranslate2_kwargs; pass those, not client="
-            )
-            raise ValueError(msg)
-        data = {k: v for k, v in data.items() if k not in ("grammar", "grammar_path", "client")}
-        super().__init__(**data)
 
     @field_validator("compute_type")
     @classmethod
@@ -429,23 +442,6 @@ class CTranslate2(LocalLLM):
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     # ------------------------------------------------------------ call options
-    def _check_call_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        checked = super()._check_call_options(kwargs)
-        if checked.get("grammar") is not None:
-            raise ValueError(_GRAMMAR_ERROR)
-        checked.pop("grammar", None)
-        if checked.pop("include_prompt_in_result", False):
-            msg = (
-                "include_prompt_in_result=True is not supported: the answer never "
-                "contains the prompt (prepend it yourself if you need it)"
-            )
-            raise ValueError(msg)
-        for name in _REFUSED:
-            if name in checked:
-                msg = f"CTranslate2 does not take {name}=: {_REFUSED[name]}"
-                raise ValueError(msg)
-        return checked
-
     # ---------------------------------------------------------------- encoding
     def _encode(self, prompts: list[str], *, specials: bool) -> list[list[int]]:
         """Prompt ids as the tokenizer makes them.

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from langchain_localllms._base import Call, LocalLLM
+from langchain_localllms._base import Call, LocalLLM, Refused
 from langchain_localllms._files import cpu_count, model_file
 from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel
@@ -100,12 +100,12 @@ class GPT4All(LocalLLM):
         "repeat_last_n", "n_batch",
     )  # fmt: skip
     _temperature_field: ClassVar[str | None] = "temp"
-    _refused: ClassVar[dict[str, str]] = {
+    _refused: ClassVar[dict[str, Refused]] = {
         **dict.fromkeys(
             ("seed", "n_parts", "f16_kv", "logits_all", "vocab_only", "use_mlock", "embedding"),
-            "the GPT4All engine has no such setting; remove it",
+            Refused("the GPT4All engine has no such setting; remove it"),
         ),
-        "echo": "the GPT4All engine cannot return the prompt; prepend it yourself",
+        "echo": Refused("the GPT4All engine cannot return the prompt; prepend it yourself"),
     }
 
     _shared: SharedModel[Any] | None = PrivateAttr(default=None)

@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 from langchain_core.language_models.base import LangSmithParams
 from pydantic import Field, PrivateAttr, field_validator
 
-from langchain_localllms._base import Call, LocalLLM, Row
+from langchain_localllms._base import Call, LocalLLM, Refused, Row
 from langchain_localllms._detok import CONTEXT_TOKENS, IncrementalDetokenizer
 from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel
@@ -80,40 +80,50 @@ _USE_STOP = (
 )
 #: Options of transformers' text-generation pipeline (or of ``generate``) that this
 #: class does not implement, with what to do instead.
+_TEXT = "this class returns text"
+_CHAT = "chat messages are not handled by this LLM class"
+_BEAMS = "beam search cannot stream tokens; use greedy or sampling"
 _REFUSED_OPTIONS = {
-    "stop_sequence": _USE_STOP,
-    "stop_strings": _USE_STOP,
-    "return_tensors": "this class returns text",
-    "return_type": "use return_full_text=True or False",
-    "return_dict_in_generate": "this class returns text, not generate() outputs",
-    "output_scores": "this class returns text, not scores",
-    "output_logits": "this class returns text, not logits",
-    "streamer": "use llm.stream(...) or callbacks",
-    "handle_long_generation": "shorten the prompt",
-    "truncation": "shorten the prompt",
-    "padding": "batches are padded by this class",
-    "tokenizer_encode_kwargs": "not implemented by this class",
-    "continue_final_message": "chat messages are not handled by this LLM class",
-    "tools": "chat messages are not handled by this LLM class",
-    "documents": "chat messages are not handled by this LLM class",
-    "batch_size": "give batch_size= to HuggingFacePipeline",
-    "device": "give device= to HuggingFacePipeline.from_model_id",
-    "device_map": "give device_map= to HuggingFacePipeline.from_model_id",
-    "assistant_model": "assisted generation is not implemented by this class",
-    "prefix_allowed_tokens_fn": "use grammar= to constrain the output",
-}
-#: Options refused only with values other than these (the default behaviour).
-_ONLY_VALUE = {
-    "num_return_sequences": (1, "one answer per prompt is returned"),
-    "num_beams": (1, "beam search cannot stream tokens; use greedy or sampling"),
-    "num_beam_groups": (1, "beam search cannot stream tokens; use greedy or sampling"),
-    "return_text": (True, "this class returns text"),
-    "skip_special_tokens": (True, "special tokens are always left out of the answer"),
-    "clean_up_tokenization_spaces": (
-        False,
-        "the answer is decoded exactly as generated, so that streamed pieces join to the same text",
+    "stop_sequence": Refused(_USE_STOP, error=ValueError),
+    "stop_strings": Refused(_USE_STOP, error=ValueError),
+    "return_tensors": Refused(_TEXT, error=ValueError),
+    "return_type": Refused("use return_full_text=True or False", error=ValueError),
+    "return_dict_in_generate": Refused(f"{_TEXT}, not generate() outputs", error=ValueError),
+    "output_scores": Refused(f"{_TEXT}, not scores", error=ValueError),
+    "output_logits": Refused(f"{_TEXT}, not logits", error=ValueError),
+    "streamer": Refused("use llm.stream(...) or callbacks", error=ValueError),
+    "handle_long_generation": Refused("shorten the prompt", error=ValueError),
+    "truncation": Refused("shorten the prompt", error=ValueError),
+    "padding": Refused("batches are padded by this class", error=ValueError),
+    "tokenizer_encode_kwargs": Refused("not implemented by this class", error=ValueError),
+    "continue_final_message": Refused(_CHAT, error=ValueError),
+    "tools": Refused(_CHAT, error=ValueError),
+    "documents": Refused(_CHAT, error=ValueError),
+    "batch_size": Refused("give batch_size= to HuggingFacePipeline", error=ValueError),
+    "device": Refused("give device= to HuggingFacePipeline.from_model_id", error=ValueError),
+    "device_map": Refused(
+        "give device_map= to HuggingFacePipeline.from_model_id", error=ValueError
     ),
-}
+    "assistant_model": Refused(
+        "assisted generation is not implemented by this class", error=ValueError
+    ),
+    "prefix_allowed_tokens_fn": Refused("use grammar= to constrain the output", error=ValueError),
+    # refused only with values other than the default behaviour
+    "num_return_sequences": Refused(
+        "one answer per prompt is returned", accept=(1,), error=ValueError
+    ),
+    "num_beams": Refused(_BEAMS, accept=(1,), error=ValueError),
+    "num_beam_groups": Refused(_BEAMS, accept=(1,), error=ValueError),
+    "return_text": Refused(_TEXT, accept=(True,), error=ValueError),
+    "skip_special_tokens": Refused(
+        "special tokens are always left out of the answer", accept=(True,), error=ValueError
+    ),
+    "clean_up_tokenization_spaces": Refused(
+        "the answer is decoded exactly as generated, so that streamed pieces join to "
+        "the same text",
+        accept=(False,), error=ValueError,
+    ),
+}  # fmt: skip
 _PIPELINE_OPTIONS = ("return_full_text", "prefix", "add_special_tokens", "prefix_length")
 
 
@@ -156,15 +166,8 @@ def _parse_options(options: Mapping[str, Any] | None, where: str) -> _Layer:
         elif key == "stopping_criteria":
             layer.criteria.extend(value or [])
         elif key in _REFUSED_OPTIONS:
-            why = _REFUSED_OPTIONS[key]
-            msg = f"{where} has {key!r}, which HuggingFacePipeline does not take: {why}"
-            raise ValueError(msg)
-        elif key in _ONLY_VALUE:
-            allowed, why = _ONLY_VALUE[key]
-            if value is not None and value != allowed:
-                msg = f"{where} has {key}={value!r}; this class only takes {allowed!r}: {why}"
-                raise ValueError(msg)
-            if key in _generation_keys():
+            _REFUSED_OPTIONS[key].check(key, value, f"HuggingFacePipeline's {where}")
+            if key in _generation_keys():  # an accepted value
                 layer.generate[key] = value
         elif key == "return_full_text":
             layer.echo = bool(value)

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, PrivateAttr
 
-from langchain_localllms._base import Call, LocalLLM
+from langchain_localllms._base import Call, LocalLLM, Refused
 from langchain_localllms._files import cpu_count, model_file
 from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel
@@ -130,10 +130,6 @@ class LlamaCpp(LocalLLM):
     pydantic model class."""
     grammar_path: str | Path | None = None
     """A ``.gbnf`` file to constrain the output with."""
-    suffix: str | None = None
-    """Not supported: fill-in-the-middle is not implemented by this class."""
-    logprobs: int | None = None
-    """Not supported: token log-probabilities are not implemented by this class."""
 
     _call_fields: ClassVar[tuple[str, ...]] = (
         "max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
@@ -141,15 +137,20 @@ class LlamaCpp(LocalLLM):
         "mirostat_tau", "mirostat_eta", "seed", "echo", "grammar",
     )  # fmt: skip
 
+    _refused: ClassVar[dict[str, Refused]] = {
+        "suffix": Refused(
+            "fill-in-the-middle is not implemented; leave it unset", error=ValueError
+        ),
+        "logprobs": Refused(
+            "token log-probabilities are not implemented; leave it unset", error=ValueError
+        ),
+    }
+
     _shared: SharedModel[Any] | None = PrivateAttr(default=None)
     _grammars: dict[str, Any] = PrivateAttr(default_factory=dict)
     _sliding_window: bool = PrivateAttr(default=False)
 
     def _setup(self) -> None:
-        for name in ("suffix", "logprobs"):
-            if getattr(self, name) is not None:
-                msg = f"LlamaCpp does not implement {name}=; leave it unset"
-                raise ValueError(msg)
         if self.grammar_path is not None:
             if self.grammar is not None:
                 msg = "give grammar or grammar_path, not both"

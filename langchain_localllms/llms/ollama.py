@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field
 
-from langchain_localllms._base import Call
+from langchain_localllms._base import Call, Refused
 from langchain_localllms._http import Framing
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar, json_schema_of
@@ -214,9 +214,12 @@ class Ollama(ServerLLM):
     _timeout_field: ClassVar[str] = "timeout"
     _route: ClassVar[str] = "/api/generate"
     _stream_framing: ClassVar[Framing] = "ndjson"
-    _refused: ClassVar[dict[str, str]] = dict.fromkeys(
+    _refused: ClassVar[dict[str, Refused]] = dict.fromkeys(
         ("mirostat", "mirostat_eta", "mirostat_tau", "tfs_z"),
-        f"Ollama's API no longer takes it (its options are {', '.join(_OPTIONS)}); leave it unset",
+        Refused(
+            f"Ollama's API no longer takes it (its options are {', '.join(_OPTIONS)}); "
+            "leave it unset"
+        ),
     )
 
     @property
