@@ -21,7 +21,14 @@ import pydantic
 from langchain_localllms._imports import require
 from langchain_localllms.errors import GrammarSyntaxError
 
-__all__ = ["Grammar", "GrammarField", "GrammarSyntaxError", "check_gbnf", "json_schema_of"]
+__all__ = [
+    "Grammar",
+    "GrammarField",
+    "GrammarSyntaxError",
+    "check_gbnf",
+    "gbnf_for_xgrammar",
+    "json_schema_of",
+]
 
 
 class Grammar:
@@ -176,6 +183,7 @@ class _Parser:
         self.source = source
         self.defined: set[str] = set()
         self.used: dict[str, int] = {}
+        self.empty: list[int] = []  # where an alternative has no element
 
     def fail(self, what: str, at: int | None = None) -> GrammarSyntaxError:
         pos = self.i if at is None else at
@@ -227,15 +235,20 @@ class _Parser:
                 raise self.fail(f"undefined rule {rule!r}", pos)
 
     def alternates(self, nested: bool) -> None:
-        self.sequence(nested)
-        while self.i < len(self.t) and self.t[self.i] == "|":
+        while True:
+            start = self.i
+            if not self.sequence(nested):
+                self.empty.append(start)
+            if self.i >= len(self.t) or self.t[self.i] != "|":
+                return
             self.i += 1
             self.space(True)
-            self.sequence(nested)
 
-    def sequence(self, nested: bool) -> None:
+    def sequence(self, nested: bool) -> bool:
+        """Parse one alternative; return whether it had any element."""
         t = self.t
         last_ok = False  # whether a repetition operator may follow
+        start = self.i
         while self.i < len(t):
             c = t[self.i]
             if c == '"':
@@ -284,6 +297,7 @@ class _Parser:
             else:
                 break
             self.space(nested)
+        return self.i > start
 
     def literal(self, close: str) -> None:
         start = self.i
@@ -344,10 +358,29 @@ class _Parser:
 
 def check_gbnf(text: str, *, source: str | None = None) -> None:
     """Raise :class:`GrammarSyntaxError` (a ``ValueError``) if ``text`` is not GBNF."""
+    _parsed(text, source)
+
+
+def _parsed(text: str, source: str | None = None) -> _Parser:
     if not text.strip():
         msg = "the GBNF grammar is empty"
         raise GrammarSyntaxError(msg)
-    _Parser(text, source).parse()
+    parser = _Parser(text, source)
+    parser.parse()
+    return parser
+
+
+def gbnf_for_xgrammar(text: str) -> str:
+    """The same grammar in xgrammar's dialect of GBNF.
+
+    llama.cpp allows empty alternatives (``ws ::= | " "``); xgrammar wants ``""``
+    there. The parser that checks the grammar finds them, so literals, character
+    classes and comments are never mistaken for them.
+    """
+    out = text
+    for at in reversed(_parsed(text).empty):
+        out = f'{out[:at]}""{out[at:]}'
+    return out
 
 
 def _optional_grammar(value: Any) -> Grammar | None:

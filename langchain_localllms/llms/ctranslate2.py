@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
-import json
 import os
-import threading
-import time
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, field_validator
 
 from langchain_localllms._base import Call, LocalLLM, Refused, Row, identity_value
-from langchain_localllms._detok import IncrementalDetokenizer
-from langchain_localllms._files import model_dir
-from langchain_localllms._imports import require
-from langchain_localllms._stop import StopStream
 from langchain_localllms._usage import Tally
-from langchain_localllms.conversion import QUANTIZATIONS, TOKENIZER_FILES, convert_to_ctranslate2
+from langchain_localllms.conversion import QUANTIZATIONS, convert_to_ctranslate2
 from langchain_localllms.prompts import ModelInfo
+from langchain_localllms.runtimes.ctranslate2 import (
+    CTranslate2Engine,
+    ct2_dir,
+    read_json,
+    source_model_type,
+)
 
 __all__ = ["CTranslate2"]
 
@@ -210,9 +206,7 @@ class CTranslate2(LocalLLM):
     _temperature_field: ClassVar[str | None] = "sampling_temperature"
     _max_tokens_field: ClassVar[str | None] = "max_length"
 
-    _handle: _Handle | None = PrivateAttr(default=None)
-    _end_ids: list[int] = PrivateAttr(default_factory=list)
-    _bos: str | None = PrivateAttr(default=None)
+    _engine: CTranslate2Engine | None = PrivateAttr(default=None)
 
     @field_validator("compute_type")
     @classmethod
@@ -243,32 +237,16 @@ class CTranslate2(LocalLLM):
         if self.tokenizer is not None and self.tokenizer_name is not None:
             msg = "give tokenizer (a loaded tokenizer) or tokenizer_name, not both"
             raise ValueError(msg)
-        path = _ct2_dir(self.model_path)
-        ct2 = require("ctranslate2", feature="CTranslate2")
-        kwargs = self._generator_kwargs()
-        device = self._check_device(ct2)
-        try:
-            generator = ct2.Generator(
-                str(path),
-                device=self.device,
-                device_index=self.device_index,
-                compute_type=self.compute_type,
-                **kwargs,
-            )
-        except (RuntimeError, ValueError) as e:
-            msg = (
-                f"CTranslate2 could not load {path} on {device}: {e}. The model may be "
-                "truncated, converted by a newer CTranslate2, or need more memory than "
-                "is free; re-convert it (CTranslate2.from_pretrained or "
-                "ct2-transformers-converter)."
-            )
-            raise ValueError(msg) from e
-        self._handle = _Handle(generator)
-        if self.tokenizer is None:
-            self.tokenizer = self._load_tokenizer(path)
-        config = _read_json(path / "config.json")
-        self._bos = config.get("bos_token")
-        self._end_ids = self._default_end_ids(path, config)
+        self._engine = CTranslate2Engine(
+            ct2_dir(self.model_path),
+            device=self.device,
+            device_index=self.device_index,
+            compute_type=self.compute_type,
+            generator_kwargs=self._generator_kwargs(),
+            tokenizer=self.tokenizer,
+            tokenizer_name=self.tokenizer_name,
+        )
+        self.tokenizer = self._engine.tokenizer
 
     def _generator_kwargs(self) -> dict[str, Any]:
         extra = dict(self.ctranslate2_kwargs)
@@ -291,102 +269,6 @@ class CTranslate2(LocalLLM):
         kwargs.update(extra)
         return kwargs
 
-    def _check_device(self, ct2: Any) -> str:
-        """Check device and compute_type before native code; return the device used."""
-        gpus = ct2.get_cuda_device_count()
-        device = self.device
-        if device == "auto":
-            device = "cuda" if gpus > 0 else "cpu"
-        if device == "cuda":
-            if gpus == 0:
-                msg = (
-                    "device='cuda' but CTranslate2 sees no CUDA GPU "
-                    "(ctranslate2.get_cuda_device_count() == 0): use device='cpu', or "
-                    "device='auto' to take a GPU when there is one"
-                )
-                raise ValueError(msg)
-            ids = self.device_index if isinstance(self.device_index, list) else [self.device_index]
-            bad = [i for i in ids if i >= gpus]
-            if bad:
-                msg = (
-                    f"device_index {bad} does not exist: this machine has {gpus} GPU(s), "
-                    f"ids 0..{gpus - 1}"
-                )
-                raise ValueError(msg)
-        compute = self.compute_type
-        if isinstance(compute, dict):
-            compute = compute.get(device, "default")
-        if compute not in ("default", "auto"):
-            supported = sorted(ct2.get_supported_compute_types(device))
-            if compute not in supported:
-                msg = (
-                    f"compute_type {compute!r} is not supported on {device} here; "
-                    f"choose one of: default, auto, {', '.join(supported)}"
-                )
-                raise ValueError(msg)
-        return device
-
-    def _load_tokenizer(self, path: Path) -> Any:
-        name = self.tokenizer_name
-        if name is None:
-            if not any((path / f).is_file() for f in (*TOKENIZER_FILES[:3], "vocab.json")):
-                msg = (
-                    f"{path} holds no tokenizer files: pass tokenizer_name= (the Hugging "
-                    "Face model directory or hub name the model was converted from), or "
-                    "convert with --copy_files tokenizer.json tokenizer_config.json"
-                )
-                raise ValueError(msg)
-            name = str(path)
-        transformers = require(
-            "transformers", feature="CTranslate2 (its tokenizer)", extra="ctranslate2"
-        )
-        kwargs: dict[str, Any] = {}
-        # transformers reads config.json to decide whether to warn about a bad Mistral
-        # tokenizer regex; in a converted directory that is CTranslate2's config (no
-        # model_type), so it would warn for every model. Only a Mistral source warns.
-        if (
-            _is_same_dir(name, path)
-            and int(transformers.__version__.split(".")[0]) >= 5
-            and self._source_model_type(path) not in _MISTRAL_TYPES
-        ):
-            kwargs["fix_mistral_regex"] = False
-        try:
-            return transformers.AutoTokenizer.from_pretrained(name, **kwargs)
-        except (OSError, ValueError) as e:
-            msg = (
-                f"could not load the tokenizer {name!r}: {e}. Give tokenizer_name= the "
-                "Hugging Face model directory (or hub name) the CTranslate2 model was "
-                "converted from."
-            )
-            raise (OSError(msg) if isinstance(e, OSError) else ValueError(msg)) from e
-
-    @staticmethod
-    def _source_model_type(path: Path) -> str | None:
-        """``model_type`` of the Hugging Face model ``from_pretrained`` converted."""
-        about = path / "langchain-localllms.json"
-        source = _read_json(about).get("source") if about.is_file() else None
-        config = Path(source) / "config.json" if source else None
-        if config is None or not config.is_file():
-            return None
-        value = _read_json(config).get("model_type")
-        return value if isinstance(value, str) else None
-
-    def _default_end_ids(self, path: Path, config: dict[str, Any]) -> list[int]:
-        """End-of-sequence ids: the converted model's, plus generation_config.json's."""
-        ids: list[int] = []
-        eos = config.get("eos_token")
-        for token in [eos] if isinstance(eos, str) else (eos or []):
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int):
-                ids.append(tid)
-        gen = path / "generation_config.json"
-        extra = _read_json(gen).get("eos_token_id") if gen.is_file() else None
-        for tid in [extra] if isinstance(extra, int) else (extra or []):
-            ids.append(int(tid))
-        if not ids and self.tokenizer.eos_token_id is not None:
-            ids.append(int(self.tokenizer.eos_token_id))
-        return sorted(set(ids))
-
     # ----------------------------------------------------------------- identity
     @property
     def _llm_type(self) -> str:
@@ -395,15 +277,7 @@ class CTranslate2(LocalLLM):
     @property
     def client(self) -> Any:
         """The underlying ``ctranslate2.Generator``."""
-        return self._handle.generator if self._handle is not None else None
-
-    @property
-    def _generator(self) -> Any:
-        generator = self.client
-        if generator is None:
-            msg = "this CTranslate2 model was released (the interpreter is exiting)"
-            raise RuntimeError(msg)
-        return generator
+        return self._engine.client if self._engine is not None else None
 
     def _ls_model_name(self) -> str:
         return Path(self.model_path).name
@@ -421,10 +295,10 @@ class CTranslate2(LocalLLM):
     def model_info(self) -> ModelInfo:
         """Name, family, chat template and start/end tokens, from the tokenizer."""
         tok = self.tokenizer
-        architecture = self._source_model_type(Path(self.model_path).expanduser())
+        architecture = source_model_type(Path(self.model_path).expanduser())
         hf_config = Path(self.tokenizer_name or "") / "config.json"
         if architecture is None and self.tokenizer_name and hf_config.is_file():
-            architecture = _read_json(hf_config).get("model_type")  # the HF source dir
+            architecture = read_json(hf_config).get("model_type")  # the HF source dir
         starts = tok("")["input_ids"]
         template = getattr(tok, "chat_template", None)
         return ModelInfo(
@@ -439,199 +313,7 @@ class CTranslate2(LocalLLM):
 
     def get_num_tokens(self, text: str) -> int:
         """Tokens of ``text`` in this model's vocabulary (no special tokens)."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
-    # ------------------------------------------------------------ call options
-    # ---------------------------------------------------------------- encoding
-    def _encode(self, prompts: list[str], *, specials: bool) -> list[list[int]]:
-        """Prompt ids as the tokenizer makes them.
-
-        With the tokenizer's own start token when ``specials`` (not after a static
-        prompt); an end token the tokenizer appends is dropped.
-        """
-        tok = self.tokenizer
-        encoded = tok(prompts, add_special_tokens=specials)["input_ids"]
-        eos, eos_text = tok.eos_token_id, tok.eos_token
-        out = []
-        for prompt, ids in zip(prompts, encoded, strict=True):
-            ids = list(ids)
-            if len(ids) > 1 and ids[-1] == eos and not (eos_text and prompt.endswith(eos_text)):
-                ids.pop()
-            if not ids and specials:
-                if self._bos is None:
-                    msg = (
-                        "the prompt is empty and neither the tokenizer nor the model "
-                        "defines a start token; give a prompt"
-                    )
-                    raise ValueError(msg)
-                ids = [tok.convert_tokens_to_ids(self._bos)]
-            out.append(ids)
-        return out
-
-    def _static(self, p: dict[str, Any]) -> list[int] | None:
-        static = p["static_prompt"]
-        if static is None:
-            return None
-        if isinstance(static, str):
-            return self._encode([static], specials=True)[0]
-        return list(self.tokenizer.convert_tokens_to_ids(static))
-
-    def _prompts(
-        self, prompts: list[str], p: dict[str, Any]
-    ) -> tuple[list[int] | None, list[list[int]]]:
-        """The static prompt's ids (if any) and each prompt's ids.
-
-        CTranslate2 needs at least one start token after a static prompt; if a prompt
-        is empty, the static prompt becomes part of every prompt of the call instead.
-        """
-        static = self._static(p)
-        if static is None:
-            return None, self._encode(prompts, specials=True)
-        encoded = self._encode(prompts, specials=False)
-        if all(encoded):
-            return static, encoded
-        return None, [[*static, *ids] for ids in encoded]
-
-    def _tokens(self, ids: Sequence[int]) -> list[str]:
-        return list(self.tokenizer.convert_ids_to_tokens(list(ids)))
-
-    def _token_ids(self, tokens: Sequence[str], what: str) -> list[int]:
-        ids = []
-        unk = self.tokenizer.unk_token_id
-        for token in tokens:
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if tid is None or (tid == unk and token != self.tokenizer.unk_token):
-                msg = f"{what} {token!r} is not a token of this model's vocabulary"
-                raise ValueError(msg)
-            ids.append(int(tid))
-        return ids
-
-    def _options(self, p: dict[str, Any], static: list[int] | None) -> dict[str, Any]:
-        """Decoding options for ``generate_tokens`` / ``generate_batch``."""
-        topk, temperature = p["sampling_topk"], p["sampling_temperature"]
-        if temperature == 0:
-            topk, temperature = 1, 1.0
-        end = p["end_token"]
-        if end is None:
-            end_ids = self._end_ids
-        elif isinstance(end, str):
-            end_ids = self._token_ids([end], "end_token")
-        elif all(isinstance(e, str) for e in end):
-            end_ids = self._token_ids(end, "end_token")
-        else:
-            end_ids = [int(e) for e in end]
-        options: dict[str, Any] = {
-            "max_length": p["max_length"],
-            "min_length": p["min_length"],
-            "sampling_topk": topk,
-            "sampling_topp": p["sampling_topp"],
-            "sampling_temperature": temperature,
-            "repetition_penalty": p["repetition_penalty"],
-            "no_repeat_ngram_size": p["no_repeat_ngram_size"],
-            "disable_unk": p["disable_unk"],
-            "end_token": end_ids,
-        }
-        if p["suppress_sequences"]:
-            options["suppress_sequences"] = [
-                s if isinstance(s, list) else self._tokens(self._encode([s], specials=False)[0])
-                for s in p["suppress_sequences"]
-            ]
-        if static is not None:
-            options["static_prompt"] = self._tokens(static)
-            options["cache_static_prompt"] = p["cache_static_prompt"]
-        return options
-
-    def _detokenizer(self, context: Sequence[int]) -> IncrementalDetokenizer:
-        tok = self.tokenizer
-
-        def decode(ids: list[int]) -> str:
-            return str(
-                tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            )
-
-        return IncrementalDetokenizer(decode, context)
-
-    # --------------------------------------------------------------- generation
-    def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
-        p = call.params
-        static, (ids,) = self._prompts([prompt], p)
-        options = self._options(p, static)
-        end_ids = set(options["end_token"])
-        tally.prompt_tokens = len(ids) + len(static or [])
-        detok = self._detokenizer([*(static or []), *ids])
-        if p["beam_size"] > 1:
-            result = self._generator.generate_batch(
-                [self._tokens(ids)],
-                beam_size=p["beam_size"],
-                patience=p["patience"],
-                length_penalty=p["length_penalty"],
-                include_prompt_in_result=False,
-                **options,
-            )[0]
-            out = list(result.sequences_ids[0])
-            tally.completion_tokens = len(out)
-            tally.finish_reason = "length" if len(out) >= p["max_length"] else "stop"
-            text = detok.text(out)
-            if text:
-                yield text
-            return
-        steps = self._generator.generate_tokens(self._tokens(ids), **options)
-        try:
-            tally.finish_reason = "length"
-            for step in steps:
-                if step.token_id in end_ids:
-                    tally.finish_reason = "stop"
-                    break
-                tally.completion_tokens += 1
-                text = detok.push(step.token_id)
-                if text:
-                    yield text
-            tail = detok.flush()
-            if tail:
-                yield tail
-        finally:
-            steps.close()  # stops decoding at the next step and waits for it
-
-    def _generate_batch(self, prompts: list[str], call: Call) -> list[Row]:
-        p = call.params
-        static, encoded = self._prompts(prompts, p)
-        options = self._options(p, static)
-        contexts = [[*(static or []), *ids] for ids in encoded]
-        first_step: dict[int, float] = {}
-        watches = [_StopWatch(self._detokenizer(c), call.stops) for c in contexts]
-        lock = threading.Lock()
-
-        def on_step(step: Any) -> bool:
-            with lock:
-                first_step.setdefault(step.batch_id, time.perf_counter())
-            # Ends this prompt's decoding once its text holds a stop sequence.
-            return watches[step.batch_id].push(step.token_id) if call.stops else False
-
-        beams = p["beam_size"] > 1
-        started = time.perf_counter()
-        results = self._generator.generate_batch(
-            [self._tokens(ids) for ids in encoded],
-            max_batch_size=p["max_batch_size"],
-            batch_type=p["batch_type"],
-            beam_size=p["beam_size"],
-            patience=p["patience"],
-            length_penalty=p["length_penalty"],
-            include_prompt_in_result=False,
-            callback=None if beams else on_step,
-            **options,
-        )
-        rows = []
-        for i, (ids, context, result) in enumerate(zip(encoded, contexts, results, strict=True)):
-            out = list(result.sequences_ids[0])
-            tally = Tally(
-                prompt_tokens=len(ids) + len(static or []),
-                completion_tokens=len(out),
-                finish_reason="length" if len(out) >= p["max_length"] else "stop",
-                started=started,
-            )
-            tally.first_piece = first_step.get(i)
-            rows.append(Row(self._detokenizer(context).pieces(out), tally))
-        return rows
+        return self._engine_or_fail().count_tokens(text)
 
     # ---------------------------------------------------------------- converting
     @classmethod
@@ -670,79 +352,13 @@ class CTranslate2(LocalLLM):
         )
         return cls(model_path=str(path), **kwargs)
 
+    # --------------------------------------------------------------- generation
+    def _engine_or_fail(self) -> CTranslate2Engine:
+        assert self._engine is not None  # set by _setup
+        return self._engine
 
-# ------------------------------------------------------------------ generators
-class _Handle:
-    """Holds a ``ctranslate2.Generator``, shared by an instance and its copies.
+    def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
+        yield from self._engine_or_fail().pieces(prompt, call.params, tally)
 
-    CTranslate2's worker threads keep the last job, with its Python step callback
-    (``generate_tokens`` uses one), until the next job or the Generator's end; if that
-    end comes during interpreter shutdown, releasing the callback aborts the process
-    ("terminate called without an active exception"). So every Generator this module
-    made is released at exit, while Python can still run the release.
-    """
-
-    def __init__(self, generator: Any) -> None:
-        self.generator = generator
-        _HANDLES.add(self)
-
-
-_HANDLES: weakref.WeakSet[_Handle] = weakref.WeakSet()
-
-
-@atexit.register
-def _release_generators() -> None:
-    for handle in list(_HANDLES):
-        handle.generator = None
-    gc.collect()
-
-
-# ------------------------------------------------------------------ detokenizing
-class _StopWatch:
-    """One prompt's text during a batch, to end its decoding at a stop sequence."""
-
-    def __init__(self, detok: IncrementalDetokenizer, stops: Sequence[str]) -> None:
-        self._detok = detok
-        self._stops = StopStream(stops)
-
-    def push(self, token_id: int) -> bool:
-        self._stops.push(self._detok.push(token_id))
-        return self._stops.stopped
-
-
-# ------------------------------------------------------------------- model files
-_MISTRAL_TYPES = ("mistral", "mistral3", "voxtral", "ministral", "pixtral")
-
-
-def _is_same_dir(name: str, path: Path) -> bool:
-    try:
-        return Path(name).expanduser().resolve() == path.resolve()
-    except OSError:
-        return False
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        msg = f"{path} is not readable JSON ({e}); re-convert the model"
-        raise ValueError(msg) from e
-    return value if isinstance(value, dict) else {}
-
-
-def _ct2_dir(path: str | os.PathLike[str]) -> Path:
-    """Check that ``path`` is a CTranslate2 model directory before native code runs."""
-    p = Path(path).expanduser()
-    if (
-        p.is_dir()
-        and (p / "config.json").is_file()
-        and not (p / "model.bin").is_file()
-        and (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin")))
-    ):
-        msg = (
-            f"{p} is a Hugging Face model directory, not a CTranslate2 one: convert it "
-            f"with CTranslate2.from_pretrained({str(p)!r}) or "
-            f"ct2-transformers-converter --model {p} --output_dir <dir>"
-        )
-        raise ValueError(msg)
-    return model_dir(p, kind="CTranslate2 model", must_have=("model.bin", "config.json"))
+    def _generate_batch(self, prompts: list[str], call: Call) -> list[Row]:
+        return self._engine_or_fail().rows(prompts, call.params, call.stops)

@@ -10,11 +10,8 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from langchain_localllms._base import Call, LocalLLM, Refused
 from langchain_localllms._files import cpu_count, model_file
-from langchain_localllms._imports import require
-from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
-
-_TOKEN = object()  # one generated token (its text, if any, follows)
+from langchain_localllms.runtimes.gpt4all import GPT4AllEngine
 
 
 class GPT4All(LocalLLM):
@@ -108,7 +105,7 @@ class GPT4All(LocalLLM):
         "echo": Refused("the GPT4All engine cannot return the prompt; prepend it yourself"),
     }
 
-    _shared: SharedModel[Any] | None = PrivateAttr(default=None)
+    _engine: GPT4AllEngine | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -125,28 +122,17 @@ class GPT4All(LocalLLM):
 
     def _setup(self) -> None:
         path = model_file(self.model, kind="GGUF model", magic=b"GGUF")
-        gpt4all = require("gpt4all", feature="GPT4All")
-        try:
-            model = gpt4all.GPT4All(
-                model_name=path.name,
-                model_path=str(path.parent),
-                allow_download=False,
-                n_threads=self.n_threads or cpu_count(),
-                device=self.device,
-                n_ctx=self.n_ctx,
-                ngl=self.ngl,
-                verbose=self.verbose,
-            )
-        except (RuntimeError, ValueError) as e:
-            msg = (
-                f"GPT4All could not load {path}: {e}. Its bundled llama.cpp (gpt4all "
-                f"{getattr(gpt4all, '__version__', '2.8')}) knows Llama-family models, "
-                "not newer architectures; LlamaCpp from this package runs them."
-            )
-            raise ValueError(msg) from e
-        self._shared = SharedModel(model, model.close, name="gpt4all-generate")
-        if self.backend is not None and model.backend != self.backend:
-            msg = f"the model runs on {model.backend!r}, not backend={self.backend!r}"
+        self._engine = GPT4AllEngine(
+            path,
+            n_threads=self.n_threads or cpu_count(),
+            device=self.device,
+            n_ctx=self.n_ctx,
+            ngl=self.ngl,
+            verbose=self.verbose,
+        )
+        backend = self._engine.model.backend
+        if self.backend is not None and backend != self.backend:
+            msg = f"the model runs on {backend!r}, not backend={self.backend!r}"
             raise ValueError(msg)
 
     @property
@@ -156,8 +142,8 @@ class GPT4All(LocalLLM):
     @property
     def client(self) -> Any:
         """The underlying ``gpt4all.GPT4All``."""
-        assert self._shared is not None  # set by _setup
-        return self._shared.model
+        assert self._engine is not None  # set by _setup
+        return self._engine.model
 
     def _ls_model_name(self) -> str:
         return Path(self.model).name
@@ -170,65 +156,5 @@ class GPT4All(LocalLLM):
         }
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
-        if not prompt:
-            msg = "the prompt is empty; GPT4All needs some text to continue"
-            raise ValueError(msg)
-        p = call.params
-        assert self._shared is not None
-        engine = self._shared.model.model  # gpt4all's LLModel
-        raw_decoder = type(engine)._callback_decoder
-        counts = {"prompt": 0, "decoded": 0}
-
-        def work(emit: Emit) -> None:
-            def count_prompt(token_id: int) -> bool:
-                counts["prompt"] += 1
-                return True
-
-            def count_completion(callback: Any) -> Any:
-                # Every generated token passes here, also those whose bytes gpt4all
-                # holds back until a UTF-8 character is complete: one item each, so
-                # the reader counts exactly the tokens it took.
-                decode = raw_decoder(engine, callback)
-
-                def raw(token_id: int, response: bytes) -> bool:
-                    counts["decoded"] += 1
-                    if not emit(_TOKEN):
-                        return False
-                    return bool(decode(token_id, response)) and counts["decoded"] < p["max_tokens"]
-
-                return raw
-
-            def on_text(token_id: int, text: str) -> bool:
-                return emit(text)
-
-            engine._prompt_callback = count_prompt
-            engine._callback_decoder = count_completion
-            try:
-                engine.prompt_model(
-                    prompt,
-                    "%1",
-                    on_text,
-                    n_predict=p["max_tokens"],
-                    temp=p["temp"],
-                    top_k=1 if p["temp"] == 0 else p["top_k"],
-                    top_p=p["top_p"],
-                    min_p=p["min_p"],
-                    repeat_penalty=p["repeat_penalty"],
-                    repeat_last_n=p["repeat_last_n"],
-                    n_batch=p["n_batch"],
-                    reset_context=True,
-                )
-            finally:
-                del engine._prompt_callback, engine._callback_decoder
-
-        items = self._shared.stream(work)
-        try:
-            for item in items:
-                if item is _TOKEN:
-                    tally.completion_tokens += 1
-                elif item:
-                    yield item
-        finally:
-            items.close()  # the worker has ended: the counts are final
-            tally.prompt_tokens = counts["prompt"]
-            tally.finish_reason = "length" if counts["decoded"] >= p["max_tokens"] else "stop"
+        assert self._engine is not None  # set by _setup
+        yield from self._engine.pieces(prompt, call.params, tally)

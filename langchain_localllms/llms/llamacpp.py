@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
-import inspect
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,11 +10,10 @@ from pydantic import Field, PrivateAttr
 
 from langchain_localllms._base import Call, LocalLLM, Refused
 from langchain_localllms._files import cpu_count, model_file
-from langchain_localllms._imports import require
-from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar, GrammarField
 from langchain_localllms.prompts import ModelInfo
+from langchain_localllms.runtimes.llamacpp import LlamaCppEngine
 
 _F16, _F32 = 1, 0  # ggml type ids of the KV cache
 
@@ -146,9 +142,7 @@ class LlamaCpp(LocalLLM):
         ),
     }
 
-    _shared: SharedModel[Any] | None = PrivateAttr(default=None)
-    _grammars: dict[str, Any] = PrivateAttr(default_factory=dict)
-    _sliding_window: bool = PrivateAttr(default=False)
+    _engine: LlamaCppEngine | None = PrivateAttr(default=None)
 
     def _setup(self) -> None:
         if self.grammar_path is not None:
@@ -157,14 +151,13 @@ class LlamaCpp(LocalLLM):
                 raise ValueError(msg)
             self.grammar = Grammar.from_file(self.grammar_path)
         path = model_file(self.model_path, kind="GGUF model", magic=b"GGUF")
-        llama_cpp = require("llama_cpp", feature="LlamaCpp")
         threads = self.n_threads or cpu_count()
         kwargs: dict[str, Any] = {
             "n_ctx": self.n_ctx,
             "n_batch": min(self.n_batch, self.n_ctx) if self.n_ctx else self.n_batch,
             "n_threads": threads,
             "n_threads_batch": self.n_threads_batch or threads,
-            "seed": self.seed if self.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
+            "seed": self.seed if self.seed >= 0 else None,  # None: a random one
             "use_mlock": self.use_mlock,
             "use_mmap": self.use_mmap,
             "logits_all": self.logits_all,
@@ -181,32 +174,8 @@ class LlamaCpp(LocalLLM):
             "rope_freq_scale": self.rope_freq_scale,
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
-        accepted = set(inspect.signature(llama_cpp.Llama.__init__).parameters) - {
-            "self", "model_path", "kwargs"
-        }  # fmt: skip
-        unknown = sorted(set(self.model_kwargs) - accepted)
-        if unknown:
-            msg = f"model_kwargs has keys llama_cpp.Llama does not take: {', '.join(unknown)}"
-            raise ValueError(msg)
         kwargs.update(self.model_kwargs)
-        if kwargs.get("vocab_only"):
-            msg = "vocab_only=True loads no weights, so nothing could be generated"
-            raise ValueError(msg)
-        warn_if_amx_build(llama_cpp)
-        try:
-            llm = llama_cpp.Llama(model_path=str(path), **kwargs)
-        except ValueError as e:
-            msg = (
-                f"llama.cpp could not load {path}: {e}. The file may be truncated, "
-                "of an architecture this llama-cpp-python build does not know, or "
-                "need more memory than is free; run with verbose=True for the reason."
-            )
-            raise ValueError(msg) from e
-        # Freed when the last copy of this instance goes, and at the latest at exit,
-        # before Python tears down the modules llama-cpp-python's destructor needs.
-        self._shared = SharedModel(llm, llm.close, name="llamacpp-generate")
-        arch = self._llm.metadata.get("general.architecture", "")
-        self._sliding_window = f"{arch}.attention.sliding_window" in self._llm.metadata
+        self._engine = LlamaCppEngine(path, kwargs)
 
     @property
     def _llm_type(self) -> str:
@@ -215,37 +184,29 @@ class LlamaCpp(LocalLLM):
     @property
     def client(self) -> Any:
         """The underlying ``llama_cpp.Llama``."""
-        return self._llm
+        return self._engine_or_fail().llm
 
-    @property
-    def _llm(self) -> Any:
-        assert self._shared is not None  # set by _setup
-        return self._shared.model
+    def _engine_or_fail(self) -> LlamaCppEngine:
+        assert self._engine is not None  # set by _setup
+        return self._engine
 
     @property
     def gguf_metadata(self) -> dict[str, str]:
         """The GGUF metadata of the model (architecture, chat template, ...)."""
-        return dict(self._llm.metadata)
+        return dict(self.client.metadata)
 
     def _ls_model_name(self) -> str:
         return Path(self.model_path).name
 
     def model_info(self) -> ModelInfo:
         """Architecture, name and chat template from the GGUF metadata."""
-        md = self._llm.metadata
-        vocab = self._llm._model
-
-        def text(token: int) -> str:
-            return str(vocab.token_get_text(token)) if token >= 0 else ""
-
+        md = self.client.metadata
         return ModelInfo(
             runtime=self._llm_type,
             model=md.get("general.name") or Path(self.model_path).name,
             architecture=md.get("general.architecture"),
             chat_template=md.get("tokenizer.chat_template"),
-            bos_token=text(vocab.token_bos()),
-            eos_token=text(vocab.token_eos()),
-            adds_bos=bool(vocab.add_bos_token()),
+            **self._engine_or_fail().special_tokens(),
         )
 
     def _identity(self) -> dict[str, Any]:
@@ -261,122 +222,7 @@ class LlamaCpp(LocalLLM):
 
     def get_num_tokens(self, text: str) -> int:
         """Tokens of ``text`` in this model's vocabulary."""
-        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-
-    def _llama_grammar(self, g: Grammar) -> Any:
-        cached = self._grammars.get(g.identity)
-        if cached is None:
-            llama_grammar = require("llama_cpp.llama_grammar", feature="LlamaCpp")
-            cached = llama_grammar.LlamaGrammar.from_string(g.gbnf, verbose=self.verbose)
-            self._grammars[g.identity] = cached
-        return cached
+        return self._engine_or_fail().count_tokens(text)
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
-        llama_cpp = require("llama_cpp")
-        p = call.params
-        llm = self._llm
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-        if not tokens:
-            msg = "the prompt is empty and this model adds no start token; give a prompt"
-            raise ValueError(msg)
-        n_ctx = min(llm.n_ctx(), len(llm.input_ids))  # llama.cpp may pad n_ctx
-        room = n_ctx - len(tokens)
-        if room <= 0:
-            msg = (
-                f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}: "
-                f"shorten the prompt or load the model with a larger n_ctx"
-            )
-            raise ValueError(msg)
-        limit = room if not p["max_tokens"] or p["max_tokens"] <= 0 else min(p["max_tokens"], room)
-        grammar = self._llama_grammar(p["grammar"]) if p["grammar"] is not None else None
-        tally.prompt_tokens = len(tokens)
-        if p["echo"]:
-            yield prompt
-        assert self._shared is not None
-
-        def work(emit: Emit) -> None:
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            if self._sliding_window:
-                # llama-cpp-python's KV prefix reuse corrupts sliding-window caches
-                # (Gemma 2/3): a repeated prompt then decodes differently. Start clean.
-                llm.reset()
-            llm.set_seed(p["seed"] if p["seed"] >= 0 else llama_cpp.LLAMA_DEFAULT_SEED)
-            steps = llm.generate(
-                tokens,
-                top_k=p["top_k"],
-                top_p=p["top_p"],
-                min_p=p["min_p"],
-                typical_p=p["typical_p"],
-                temp=p["temperature"],
-                repeat_penalty=p["repeat_penalty"],
-                frequency_penalty=p["frequency_penalty"],
-                presence_penalty=p["presence_penalty"],
-                mirostat_mode=p["mirostat_mode"],
-                mirostat_tau=p["mirostat_tau"],
-                mirostat_eta=p["mirostat_eta"],
-                grammar=grammar,
-            )
-            try:
-                tally.finish_reason = "length"
-                for n, token in enumerate(steps, 1):
-                    if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-                        tally.finish_reason = "stop"
-                        break
-                    # One item per token, text or not, so the reader counts exactly
-                    # the tokens it took.
-                    if not emit((1, decoder.decode(llm.detokenize([token])))) or n >= limit:
-                        break
-                tail = decoder.decode(b"", final=True)
-                if tail:
-                    emit((0, tail))
-            finally:
-                steps.close()
-
-        for n, text in self._shared.stream(work):
-            tally.completion_tokens += n
-            if text:
-                yield text
-
-
-def warn_if_amx_build(llama_cpp: Any) -> None:
-    """Warn once when llama.cpp was built with AMX kernels and this CPU has AMX.
-
-    Those kernels crash on the first decode of K-quant weights (llama.cpp #20824).
-    """
-    global _AMX_CHECKED
-    if _AMX_CHECKED:
-        return
-    _AMX_CHECKED = True
-    info = llama_cpp.llama_print_system_info()
-    info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
-    if "AMX_INT8 = 1" in info and cpu_has_amx():
-        warnings.warn(
-            "this llama-cpp-python was built with llama.cpp's AMX kernels and this CPU has "
-            "AMX: they crash (segmentation fault) on the first decode of K-quant models "
-            "(llama.cpp #20824). Rebuild without them: "
-            f"{REBUILD_WITHOUT_AMX}",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-
-_AMX_CHECKED = False
-#: The reinstall command for CPUs with AMX (docs/llamacpp.md gives it too).
-REBUILD_WITHOUT_AMX = (
-    'CFLAGS="-mno-amx-int8 -mno-amx-tile -mno-amx-bf16" '
-    'CXXFLAGS="-mno-amx-int8 -mno-amx-tile -mno-amx-bf16" '
-    "pip install --force-reinstall --no-deps --no-cache-dir --no-binary llama-cpp-python "
-    "llama-cpp-python"
-)
-
-
-def cpu_has_amx() -> bool:
-    """Whether this machine's CPU reports AMX (Linux ``/proc/cpuinfo``)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_int8" in line.split()
-    except OSError:
-        pass
-    return False
+        yield from self._engine_or_fail().pieces(prompt, call.params, tally)

@@ -36,7 +36,6 @@ from typing import Any
 
 import httpx
 
-from langchain_localllms._stop import StopStream
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The name the loopback Ollama serves Gemma-3-270M under.
@@ -423,7 +422,7 @@ class OllamaLoopback:
             limit = self.n_ctx - len(tokens)
         seed = options.get("seed")
         llama.set_seed(int(seed) if seed is not None and seed >= 0 else random.randrange(2**31))
-        stops = StopStream(options.get("stop") or [])
+        stops = _Stops(options.get("stop") or [])
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         steps = llama.generate(
             tokens,
@@ -450,7 +449,7 @@ class OllamaLoopback:
                     reason = "stop"
                     break
                 generated.append(token)
-                piece = stops.push(decoder.decode(llama.detokenize([token])))
+                piece = stops.add(decoder.decode(llama.detokenize([token])))
                 if piece:
                     if fault is not None and pieces >= fault[1]:
                         yield {"__fault__": fault[0]}
@@ -460,9 +459,7 @@ class OllamaLoopback:
                 if stops.stopped:
                     reason = "stop"
                     break
-            tail = (
-                "" if stops.stopped else stops.push(decoder.decode(b"", final=True)) + stops.flush()
-            )
+            tail = "" if stops.stopped else stops.add(decoder.decode(b"", final=True), end=True)
             if tail:
                 yield {"model": model, "created_at": _now(), "response": tail, "done": False}
         finally:
@@ -485,6 +482,33 @@ class OllamaLoopback:
         if not raw:
             final["context"] = [int(t) for t in tokens] + generated
         yield final
+
+
+class _Stops:
+    """The server's own stop handling: text is sent once no stop can start in it.
+
+    Simpler than a client's (it always holds back the longest stop's length less one
+    character), and written apart from the package so the test double does not share
+    the code it tests.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, piece: str, *, end: bool = False) -> str:
+        self.text += piece
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i != -1]
+        if hits:
+            self.stopped = True
+            upto = min(hits)
+        else:
+            upto = len(self.text) if end else max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent : upto], max(self.sent, upto)
+        return out
 
 
 def _full_name(model: str) -> str:

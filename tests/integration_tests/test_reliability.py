@@ -270,7 +270,7 @@ def test_native_builds_have_no_amx_kernels_and_load_without_warning() -> None:
     assert found == 0 or native.amx_wanted(), f"{found} native builds contain AMX kernels"
     import warnings
 
-    from langchain_localllms.llms import llamacpp
+    from langchain_localllms.runtimes import llamacpp
 
     llamacpp._AMX_CHECKED = False
     with warnings.catch_warnings():

@@ -11,7 +11,9 @@ import pytest
 
 from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms.grammars import Grammar
+from langchain_localllms.grammars import gbnf_for_xgrammar
 from langchain_localllms.llms import huggingface_pipeline as hp
+from langchain_localllms.runtimes.huggingface import options as hf_options
 
 
 # ------------------------------------------------------------------ options
@@ -28,8 +30,8 @@ PIPELINE_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.
 
 
 def resolve(*options, model=None, defaults=PIPELINE_DEFAULTS):
-    layers = [hp._parse_options(o, "pipeline_kwargs") for o in options]
-    return hp._resolve(layers, model or {}, defaults)
+    layers = [hf_options.parse_options(o, "pipeline_kwargs") for o in options]
+    return hf_options.resolve(layers, model or {}, defaults)
 
 
 def test_temperature_zero_is_greedy_whatever_the_defaults():
@@ -79,11 +81,11 @@ def test_later_layers_win():
 )
 def test_options_that_cannot_be_honoured_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
-        hp._parse_options(options, "pipeline_kwargs")
+        hf_options.parse_options(options, "pipeline_kwargs")
 
 
 def test_pipeline_options_that_are_honoured():
-    layer = hp._parse_options(
+    layer = hf_options.parse_options(
         {"num_beams": 1, "return_full_text": True, "prefix": "Q: ", "add_special_tokens": False},
         "pipeline_kwargs",
     )
@@ -96,7 +98,7 @@ def test_pipeline_options_that_are_honoured():
 def test_a_generation_config_is_read_as_its_parameters():
     from transformers import GenerationConfig
 
-    layer = hp._parse_options(
+    layer = hf_options.parse_options(
         {"generation_config": GenerationConfig(max_new_tokens=7, top_k=3)}, "pipeline_kwargs"
     )
     assert layer.generate == {"max_new_tokens": 7, "top_k": 3}
@@ -109,14 +111,14 @@ def test_what_a_ready_made_pipeline_was_built_with():
         _preprocess_params={"prefix": "X", "prefix_length": 1},
         _postprocess_params={"return_type": full},
     )
-    layer = hp._pipeline_layer(pipe)
+    layer = hf_options.pipeline_layer(pipe)
     assert layer.generate == {"max_new_tokens": 10}
     assert layer.echo is True
     assert layer.prefix == "X"
     v4 = SimpleNamespace(_forward_params={"max_new_tokens": 5, "prefix_length": 0})
-    assert hp._pipeline_layer(v4).generate == {"max_new_tokens": 5}
-    assert hp._pipeline_defaults(SimpleNamespace()) == {"max_new_tokens": 256}
-    defaults = hp._pipeline_defaults(SimpleNamespace(_generation_defaults={"pad_token_id": 0}))
+    assert hf_options.pipeline_layer(v4).generate == {"max_new_tokens": 5}
+    assert hf_options.pipeline_defaults(SimpleNamespace()) == {"max_new_tokens": 256}
+    defaults = hf_options.pipeline_defaults(SimpleNamespace(_generation_defaults={"pad_token_id": 0}))
     assert "pad_token_id" not in defaults
 
 
@@ -166,22 +168,22 @@ def test_text_that_decodes_differently_later_is_not_emitted_twice():
 @pytest.mark.parametrize(
     ("gbnf", "expected"),
     [
-        ('ws ::= | " "', 'ws ::= "" | " "'),
-        ('root ::= "a" ( | "b")', 'root ::= "a" ( "" | "b")'),
-        ('root ::= ("a" | )', 'root ::= ("a" | "" )'),
+        ('root ::= ws\nws ::= | " "', 'root ::= ws\nws ::= ""| " "'),
+        ('root ::= "a" ( | "b")', 'root ::= "a" ( ""| "b")'),
+        ('root ::= ("a" | )', 'root ::= ("a" | "")'),
         ('root ::= "a" |', 'root ::= "a" |""'),
         ('root ::= "|" | [|(] # ( |\n', 'root ::= "|" | [|(] # ( |\n'),
         ('root ::= "\\"|" ws\nws ::= [ ]?', 'root ::= "\\"|" ws\nws ::= [ ]?'),
     ],
 )
 def test_empty_alternatives_become_empty_strings(gbnf, expected):
-    assert hp._gbnf_for_xgrammar(gbnf) == expected
+    assert gbnf_for_xgrammar(gbnf) == expected
 
 
 @pytest.mark.parametrize("name", ["json", "list"])
 def test_builtin_grammars_read_in_xgrammar(name):
     xgr = pytest.importorskip("xgrammar")
-    xgr.Grammar.from_ebnf(hp._gbnf_for_xgrammar(Grammar.builtin(name).gbnf))
+    xgr.Grammar.from_ebnf(gbnf_for_xgrammar(Grammar.builtin(name).gbnf))
 
 
 # ------------------------------------------------------------ model sources

@@ -16,7 +16,7 @@ from pydantic import PrivateAttr
 
 from langchain_localllms import _native
 from langchain_localllms._native import SharedModel
-from langchain_localllms.llms import llamacpp
+from langchain_localllms.runtimes import llamacpp
 from tests.unit_tests.fake import ScriptedLLM
 
 

@@ -1,0 +1,1 @@
+"""Hugging Face transformers (torch, OpenVINO): options, loading, generation."""
