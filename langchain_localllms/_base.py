@@ -114,6 +114,9 @@ class LocalLLM(BaseLLM):
 
     #: Fields that may also be given per call (``llm.invoke(p, temperature=0)``).
     _call_fields: ClassVar[tuple[str, ...]] = ()
+    #: Fields that hold loaded runtime objects (a pipeline, a tokenizer): copies share
+    #: them, as they share what ``_setup`` loaded.
+    _shared_fields: ClassVar[tuple[str, ...]] = ()
     #: Fields read at every call rather than when loading (a copy may change them).
     _live_fields: ClassVar[tuple[str, ...]] = ()
     #: Options that exist only per call or need no field (e.g. ``grammar``).
@@ -148,8 +151,10 @@ class LocalLLM(BaseLLM):
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
         memo = {} if memo is None else memo
-        for value in (self.__pydantic_private__ or {}).values():
-            memo[id(value)] = value  # shared, never copied (native handles)
+        shared = [*(self.__pydantic_private__ or {}).values()]
+        shared += [getattr(self, name) for name in self._shared_fields]
+        for value in shared:
+            memo[id(value)] = value  # shared, never copied (loaded models, native handles)
         return super().__deepcopy__(memo)
 
     def __reduce__(self) -> tuple[Any, ...]:

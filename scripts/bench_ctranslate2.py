@@ -82,7 +82,7 @@ def main() -> None:
         "max_length": n,
         "min_length": n,
         "include_prompt_in_result": False,
-        "end_token": llm._end_ids,
+        "end_token": llm._engine._end_ids,
     }
 
     def usage(result) -> int:

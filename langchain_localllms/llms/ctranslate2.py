@@ -77,9 +77,6 @@ _REFUSED = {
     ),
 }  # fmt: skip
 
-#: How many prompt tokens the detokenizer decodes along with the first answer
-#: tokens, so the answer starts as a continuation (with its leading space).
-
 
 class CTranslate2(LocalLLM):
     r"""A Transformer decoder converted to CTranslate2, run in this process.
@@ -204,6 +201,7 @@ class CTranslate2(LocalLLM):
     )  # fmt: skip
     _refused: ClassVar[dict[str, Refused]] = _REFUSED
     _temperature_field: ClassVar[str | None] = "sampling_temperature"
+    _shared_fields: ClassVar[tuple[str, ...]] = ("tokenizer",)
     _max_tokens_field: ClassVar[str | None] = "max_length"
 
     _engine: CTranslate2Engine | None = PrivateAttr(default=None)

@@ -163,6 +163,7 @@ class HuggingFacePipeline(LocalLLM):
     )  # fmt: skip
     _call_only: ClassVar[tuple[str, ...]] = ("pipeline_kwargs", "skip_prompt")
     _live_fields: ClassVar[tuple[str, ...]] = ("batch_size",)
+    _shared_fields: ClassVar[tuple[str, ...]] = ("pipeline",)
     _max_tokens_field: ClassVar[str | None] = "max_new_tokens"
     _gen_fields: ClassVar[tuple[str, ...]] = _call_fields[:6]
 

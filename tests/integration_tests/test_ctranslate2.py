@@ -68,7 +68,7 @@ class Spy:
 def spy(monkeypatch):
     def install(llm: CTranslate2) -> Spy:
         s = Spy(llm.client)
-        monkeypatch.setattr(llm._handle, "generator", s)
+        monkeypatch.setattr(llm._engine._handle, "generator", s)
         return s
 
     return install
@@ -144,7 +144,7 @@ def test_greedy_tokens_are_those_of_transformers(
     hf = AutoModelForCausalLM.from_pretrained(str(model_path(hf_name)), dtype=torch.float32)
     hf.eval()
     tok = llm.tokenizer
-    ends = set(llm._end_ids)
+    ends = set(llm._engine._end_ids)
     s = spy(llm)
     for prompt in prompts:
         ids = tok(prompt)["input_ids"]

@@ -9,7 +9,7 @@ import sys
 import threading
 import types
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import PrivateAttr
@@ -90,16 +90,20 @@ def test_model_is_closed_once_when_the_last_holder_goes():
 
 # ------------------------------------------------------------------ copies
 class HoldsAModel(ScriptedLLM):
+    pipeline: Any = None  # a loaded object given as a field (HuggingFacePipeline's)
     _model: Any = PrivateAttr(default=None)
+    _shared_fields: ClassVar[tuple[str, ...]] = ("pipeline",)
 
     def _setup(self) -> None:
         self._model = threading.Lock()  # stands for a native handle: cannot be copied
 
 
 def test_copies_share_private_state_and_pickle_rebuilds():
-    llm = HoldsAModel(pieces=["a", "b"], max_tokens=5)
+    llm = HoldsAModel(pieces=["a", "b"], max_tokens=5, pipeline=threading.Lock())
     deep = copy.deepcopy(llm)
     assert deep._model is llm._model and deep is not llm
+    assert deep.pipeline is llm.pipeline
+    assert deep.pieces == llm.pieces and deep.pieces is not llm.pieces  # plain data is copied
     llm = ScriptedLLM(pieces=["a", "b"], max_tokens=5)
     restored = pickle.loads(pickle.dumps(llm))
     assert restored.invoke("x") == llm.invoke("x") == "ab"
