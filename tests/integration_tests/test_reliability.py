@@ -211,7 +211,7 @@ COPIES = {
     "llamacpp": ("LlamaCpp", "model_path=str(modelkit.path('gemma-gguf')), temperature=0, max_tokens=6, n_ctx=256"),
     "gpt4all": ("GPT4All", "model=str(modelkit.path('tiny-gguf')), temp=0, max_tokens=6, n_ctx=256"),
     "ctranslate2": ("CTranslate2", "model_path=str(modelkit.path('tiny-ct2')), max_length=6"),
-    "huggingface": ("HuggingFacePipeline", "model_id=str(modelkit.path('tiny-hf')), max_new_tokens=6"),
+    "huggingface": ("HuggingFacePipeline", "model_id=str(modelkit.path('tiny-hf')), max_new_tokens=6, temperature=0"),
 }
 _COPY_SCRIPT = """
 import copy, gc, pickle, modelkit
