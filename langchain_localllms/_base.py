@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import pydantic
 from langchain_core.callbacks import (
@@ -38,11 +37,10 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from langchain_core.runnables import Runnable, RunnableLambda
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from langchain_localllms._native import iterate_in_thread
 from langchain_localllms._stop import StopStream, check_stops
 from langchain_localllms._usage import Tally, llm_output
 from langchain_localllms.prompts import ModelInfo
-
-T = TypeVar("T")
 
 #: Per-call options of the ``generate``/``agenerate`` call in progress, so that the
 #: cache key (built by LangChain from ``self.dict()``) includes them.
@@ -577,53 +575,3 @@ def _field_adapter(cls: type[pydantic.BaseModel], name: str) -> pydantic.TypeAda
             annotation = Annotated[(annotation, *info.metadata)]
         _ADAPTERS[key] = pydantic.TypeAdapter(annotation)
     return _ADAPTERS[key]
-
-
-_END = object()
-
-
-async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Run a blocking iterator in one worker thread without blocking the event loop.
-
-    The iterator is created, advanced and closed in the same thread (native runtimes
-    and their locks expect that). When the consumer stops early, the worker stops at
-    the next item and closes the iterator, so no decoding runs on in the background.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
-    cancelled = threading.Event()
-
-    def put(ok: bool, value: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (ok, value))
-        except RuntimeError:  # the loop is gone; nobody is listening any more
-            cancelled.set()
-
-    def work() -> None:
-        try:
-            iterator = make()
-            try:
-                for item in iterator:
-                    if cancelled.is_set():
-                        break
-                    put(True, item)
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-            put(True, _END)
-        except BaseException as e:
-            put(False, e)
-
-    worker = loop.run_in_executor(None, work)
-    try:
-        while True:
-            ok, value = await queue.get()
-            if not ok:
-                raise value
-            if value is _END:
-                break
-            yield value
-    finally:
-        cancelled.set()
-        await asyncio.shield(worker)

@@ -1,4 +1,8 @@
-"""A model loaded in this process, shared by an instance and its copies.
+"""Threads around native runtimes: a model used by one generation at a time, and more.
+
+:class:`SharedModel` is a model loaded in this process, shared by an instance and
+its copies; :func:`iterate_in_thread` reads a blocking iterator without blocking
+the event loop.
 
 In-process runtimes (llama.cpp, GPT4All) hold one native model that only one
 generation may use at a time. Holding a lock in the generator that the caller
@@ -20,10 +24,11 @@ Python can still run the runtime's destructor, whichever comes first; copies
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
 M = TypeVar("M")
@@ -132,3 +137,53 @@ class SharedModel(Generic[M]):
             return work()
         finally:
             self._busy.release()
+
+
+_END = object()
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """Run a blocking iterator in one worker thread without blocking the event loop.
+
+    The iterator is created, advanced and closed in the same thread (native runtimes
+    and their locks expect that). When the consumer stops early, the worker stops at
+    the next item and closes the iterator, so no decoding runs on in the background.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def put(ok: bool, value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (ok, value))
+        except RuntimeError:  # the loop is gone; nobody is listening any more
+            cancelled.set()
+
+    def work() -> None:
+        try:
+            iterator = make()
+            try:
+                for item in iterator:
+                    if cancelled.is_set():
+                        break
+                    put(True, item)
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+            put(True, _END)
+        except BaseException as e:
+            put(False, e)
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while True:
+            ok, value = await queue.get()
+            if not ok:
+                raise value
+            if value is _END:
+                break
+            yield value
+    finally:
+        cancelled.set()
+        await asyncio.shield(worker)
