@@ -1,21 +1,27 @@
-"""Threads around native runtimes: a model used by one generation at a time, and more.
+"""Threads around native runtimes: one thread per runtime, models used one call at a time.
 
 :class:`SharedModel` is a model loaded in this process, shared by an instance and
-its copies; :func:`iterate_in_thread` reads a blocking iterator without blocking
-the event loop.
+its copies; :class:`NativeThread` is the one thread that runs a runtime's native
+work; :func:`iterate_in_thread` reads a blocking iterator without blocking the event
+loop.
 
-In-process runtimes (llama.cpp, GPT4All) hold one native model that only one
-generation may use at a time. Holding a lock in the generator that the caller
-iterates would make a second call from the same thread wait for itself forever: two
-streams read in turn (``zip(llm.stream(a), llm.stream(b))``), an ``invoke`` inside a
-``for piece in llm.stream(...)`` loop, or one from an ``on_llm_new_token`` handler.
+**One thread per runtime.** llama.cpp and torch split each step over a pool of
+OpenMP threads, and libgomp keeps one pool per calling thread. With a second pool
+in the process (a second thread that ever generated), libgomp manages more threads
+than there are CPUs and stops spinning at its barriers; on 2 cores, llama.cpp then
+decodes about 25% slower, in every thread. So all of a runtime's generations in this
+process run on one long-lived thread, whatever thread the caller is on and however
+many models are loaded.
 
-So decoding runs in a worker thread that holds the model, and the caller only reads
-what the worker hands over. A worker never waits on a reader for long: it keeps at
-most :data:`LOOKAHEAD` pieces ahead of its reader (so a stream that is closed early
-stops decoding at once), and while another call waits for the model it runs on
-freely to its end, which frees the model for that call. No pattern of use in any
-number of threads can then wait on itself.
+**No pattern of use waits on itself.** Holding a lock in the generator that the
+caller iterates would make a second call from the same thread wait for itself
+forever: two streams read in turn (``zip(llm.stream(a), llm.stream(b))``), an
+``invoke`` inside a ``for piece in llm.stream(...)`` loop, or one from an
+``on_llm_new_token`` handler. So the runtime's thread generates and the caller
+only reads what it hands over. The thread keeps at most :data:`LOOKAHEAD` pieces
+ahead of its reader (so a stream that is closed early stops decoding at once), and
+while another call waits for the thread it runs on freely to its end, which frees
+the thread for that call.
 
 The model is released when the last instance sharing it goes, or at exit while
 Python can still run the runtime's destructor, whichever comes first; copies
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
@@ -34,109 +41,183 @@ from typing import Any, Generic, TypeVar
 M = TypeVar("M")
 T = TypeVar("T")
 
-#: How many pieces a worker decodes ahead of its reader when nobody else waits.
+#: How many pieces the thread decodes ahead of its reader when nobody else waits.
 LOOKAHEAD = 2
 
 Emit = Callable[[Any], bool]
 """Hands one item to the reader; False once the reader has gone (stop decoding)."""
 
 
-class SharedModel(Generic[M]):
-    """A loaded native model, its one-at-a-time use, and its release.
+class _Job:
+    """One piece of work queued on a :class:`NativeThread`."""
+
+    __slots__ = ("done", "error", "fn", "result", "started")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.started = False
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class NativeThread:
+    """The one long-lived thread that runs a runtime's native work, one job at a time.
 
     Args:
-        model: The runtime's model object.
-        close: Frees the native memory (called once, when this object goes or at exit).
-        name: Names the worker threads (shown in thread dumps).
+        name: Names the thread (shown in thread dumps).
     """
 
-    def __init__(self, model: M, close: Callable[[], Any] | None, name: str) -> None:
-        self.model = model
-        self._name = name
-        self._busy = threading.Lock()
-        self._cond = threading.Condition()
-        self._waiting = 0  # generations waiting for the model
-        self._release = weakref.finalize(self, close) if close is not None else None
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cond = threading.Condition()
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._running = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job runs or waits on this thread now."""
+        with self.cond:
+            return bool(self._running or self._jobs)
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued behind the running one (read under :attr:`cond`)."""
+        return len(self._jobs)
+
+    def _submit(self, fn: Callable[[], Any]) -> _Job:
+        job = _Job(fn)
+        with self.cond:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                # First use, or a child process forked from one that had the thread.
+                self._jobs.clear()
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
+            self._jobs.append(job)
+            self.cond.notify_all()  # a running stream stops waiting for its reader
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self._jobs:
+                    self.cond.wait()
+                job = self._jobs.popleft()
+                job.started = True
+                self._running = 1
+                self.cond.notify_all()
+            try:
+                job.result = job.fn()
+            except BaseException as e:
+                job.error = e
+            finally:
+                del job.fn  # drop what the work holds (a model's last reference, say)
+                with self.cond:
+                    job.done = True
+                    self._running = 0
+                    self.cond.notify_all()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` on this thread and return its result (or raise its error).
+
+        Waiting here counts as waiting for the thread, so a stream that holds it runs on
+        to its end instead of waiting for its reader.
+        """
+        if threading.current_thread() is self._thread:
+            return fn()  # already here (a finalizer, say): queueing would wait forever
+        job = self._submit(fn)
+        with self.cond:
+            while not job.done:
+                self.cond.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[no-any-return]
 
     def stream(self, work: Callable[[Emit], None]) -> Generator[Any, None, None]:
-        """Run ``work(emit)`` on the model in a worker thread; yield what it emits.
+        """Run ``work(emit)`` on this thread; yield what it emits.
 
         ``work`` returns when it is done, or as soon as ``emit`` returns False (the
         reader closed the stream). An exception in ``work`` reaches the reader.
-        Closing the iterator waits for the worker, so no decoding outlives it.
+        Closing the iterator waits for ``work`` to return, so no decoding outlives it.
         """
-        cond = self._cond
+        cond = self.cond
         items: collections.deque[Any] = collections.deque()
-        state: dict[str, Any] = {"gone": False, "done": False, "error": None}
+        gone = False
 
         def emit(item: Any) -> bool:
             with cond:
                 items.append(item)
                 cond.notify_all()
-                while not state["gone"] and len(items) >= LOOKAHEAD and not self._waiting:
+                while not gone and len(items) >= LOOKAHEAD and not self._jobs:
                     cond.wait()
-                return not state["gone"]
+                return not gone
 
         def run() -> None:
-            waiting = True
-            try:
-                with cond:
-                    self._waiting += 1
-                    cond.notify_all()  # whoever holds the model runs on freely now
-                with self._busy:
-                    with cond:
-                        self._waiting -= 1
-                        waiting = False
-                    if not state["gone"]:
-                        work(emit)
-            except BaseException as e:
-                state["error"] = e
-            finally:
-                with cond:
-                    if waiting:
-                        self._waiting -= 1
-                    state["done"] = True
-                    cond.notify_all()
+            if not gone:
+                work(emit)
 
-        worker = threading.Thread(target=run, name=self._name, daemon=True)
-        worker.start()
+        job = self._submit(run)
         try:
             while True:
                 with cond:
-                    while not items and not state["done"]:
+                    while not items and not job.done:
                         cond.wait()
                     if items:
                         item = items.popleft()
                         cond.notify_all()
-                    elif state["error"] is not None:
-                        raise state["error"]
+                    elif job.error is not None:
+                        raise job.error
                     else:
                         return
                 yield item
         finally:
             with cond:
-                state["gone"] = True
+                gone = True
+                if not job.started:
+                    self._jobs.remove(job)
+                    job.done = True
                 cond.notify_all()
-            worker.join()
+                while not job.done:
+                    cond.wait()
+
+
+_THREADS: dict[str, NativeThread] = {}
+_THREADS_LOCK = threading.Lock()
+
+
+def native_thread(runtime: str) -> NativeThread:
+    """The thread that runs ``runtime``'s native work in this process."""
+    with _THREADS_LOCK:
+        thread = _THREADS.get(runtime)
+        if thread is None:
+            thread = _THREADS[runtime] = NativeThread(f"{runtime}-generate")
+        return thread
+
+
+class SharedModel(Generic[M]):
+    """A loaded native model, its runtime's thread, and its release.
+
+    Args:
+        model: The runtime's model object.
+        close: Frees the native memory (called once, when this object goes or at exit).
+        runtime: Whose thread runs this model's work (:func:`native_thread`).
+    """
+
+    def __init__(self, model: M, close: Callable[[], Any] | None, runtime: str) -> None:
+        self.model = model
+        self.thread = native_thread(runtime)
+        self._release = weakref.finalize(self, close) if close is not None else None
+
+    def stream(self, work: Callable[[Emit], None]) -> Generator[Any, None, None]:
+        """Run ``work(emit)`` on the runtime's thread; yield what it emits."""
+        return self.thread.stream(work)
 
     def run(self, work: Callable[[], T]) -> T:
-        """Run ``work()`` in this thread while holding the model (calls that don't stream).
-
-        Waiting here counts as waiting for the model, so a stream that holds it runs on
-        to its end instead of waiting for its reader.
-        """
-        with self._cond:
-            self._waiting += 1
-            self._cond.notify_all()
-        try:
-            self._busy.acquire()
-        finally:
-            with self._cond:
-                self._waiting -= 1
-        try:
-            return work()
-        finally:
-            self._busy.release()
+        """Run ``work()`` on the runtime's thread (calls that don't stream)."""
+        return self.thread.call(work)
 
 
 _END = object()

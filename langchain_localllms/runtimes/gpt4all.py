@@ -35,7 +35,7 @@ class GPT4AllEngine:
                 "not newer architectures; LlamaCpp from this package runs them."
             )
             raise ValueError(msg) from e
-        self.shared = SharedModel(model, model.close, name="gpt4all-generate")
+        self.shared = SharedModel(model, model.close, runtime="gpt4all")
 
     @property
     def model(self) -> Any:

@@ -1,9 +1,9 @@
 """llama.cpp in this process, through llama-cpp-python: load, tokenize, generate.
 
 One :class:`LlamaCppEngine` per loaded GGUF, shared by an LLM instance, its copies
-and the chat class over the same model. Generation runs in a worker thread that holds
-the model (:class:`~langchain_localllms._native.SharedModel`), so no pattern of use
-can wait on itself.
+and the chat class over the same model. Every model's generation runs on the one
+llama.cpp thread of the process (:class:`~langchain_localllms._native.NativeThread`):
+one OpenMP pool, and no pattern of use can wait on itself.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class LlamaCppEngine:
         self.verbose = bool(load_kwargs.get("verbose"))
         # Freed when the last holder goes, and at the latest at exit, before Python
         # tears down the modules llama-cpp-python's destructor needs.
-        self.shared = SharedModel(llm, llm.close, name="llamacpp-generate")
+        self.shared = SharedModel(llm, llm.close, runtime="llamacpp")
         arch = llm.metadata.get("general.architecture", "")
         self.sliding_window = f"{arch}.attention.sliding_window" in llm.metadata
         self._grammars: dict[str, Any] = {}

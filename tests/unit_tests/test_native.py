@@ -33,13 +33,13 @@ def counting(n: int, decoded: list[int]):
 
 
 def test_reader_gets_every_item_and_worker_ends():
-    shared = SharedModel(object(), None, name="t")
+    shared = SharedModel(object(), None, runtime="t0")
     decoded: list[int] = []
     assert list(shared.stream(counting(50, decoded))) == list(range(50))
 
 
 def test_closing_early_stops_decoding_within_the_lookahead():
-    shared = SharedModel(object(), None, name="t")
+    shared = SharedModel(object(), None, runtime="t1")
     decoded: list[int] = []
     stream = shared.stream(counting(1000, decoded))
     assert next(stream) == 0
@@ -49,7 +49,7 @@ def test_closing_early_stops_decoding_within_the_lookahead():
 
 def test_second_stream_in_the_same_thread_is_served():
     # The first worker holds the model; it must run on to its end without its reader.
-    shared = SharedModel(object(), None, name="t")
+    shared = SharedModel(object(), None, runtime="t2")
     first = shared.stream(counting(30, []))
     second = shared.stream(counting(5, []))
     done = []
@@ -65,7 +65,7 @@ def test_second_stream_in_the_same_thread_is_served():
 
 
 def test_an_error_in_the_worker_reaches_the_reader_after_its_items():
-    shared = SharedModel(object(), None, name="t")
+    shared = SharedModel(object(), None, runtime="t3")
 
     def work(emit):
         emit("a")
@@ -78,9 +78,36 @@ def test_an_error_in_the_worker_reaches_the_reader_after_its_items():
     assert list(shared.stream(counting(2, []))) == [0, 1]  # the model is free again
 
 
+def test_every_model_of_a_runtime_runs_on_one_thread_whatever_the_caller():
+    # llama.cpp and torch keep one OpenMP pool per calling thread; a second pool in the
+    # process slows every generation, so all of a runtime's work shares one thread.
+    a = SharedModel(object(), None, runtime="one-thread")
+    b = SharedModel(object(), None, runtime="one-thread")
+    seen: list[int | None] = []
+
+    def where(emit):
+        seen.append(threading.get_ident())
+        emit(0)
+
+    list(a.stream(where))
+    t = threading.Thread(target=lambda: (list(b.stream(where)), seen.append(b.run(threading.get_ident))))
+    t.start()
+    t.join(20)
+    assert len(seen) == 3 and len(set(seen)) == 1 and seen[0] != threading.get_ident()
+
+
+def test_run_from_the_runtime_thread_itself_does_not_wait_for_itself():
+    shared = SharedModel(object(), None, runtime="nested")
+
+    def work(emit):
+        emit(shared.run(lambda: "inline"))
+
+    assert list(shared.stream(work)) == ["inline"]
+
+
 def test_model_is_closed_once_when_the_last_holder_goes():
     closed = []
-    shared = SharedModel(object(), lambda: closed.append(1), name="t")
+    shared = SharedModel(object(), lambda: closed.append(1), runtime="t-close")
     holder = [shared]
     del shared
     assert closed == []

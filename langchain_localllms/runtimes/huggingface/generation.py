@@ -134,7 +134,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         self.tok_lock = threading.RLock()
-        self.shared = SharedModel(model, None, name="huggingface-generate")
+        self.shared = SharedModel(model, None, runtime="huggingface")
         self._grammars: dict[str, Any] = {}
 
     def count_tokens(self, text: str) -> int:
