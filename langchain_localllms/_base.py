@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -33,8 +33,9 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models import BaseLLM
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.outputs import Generation, GenerationChunk, LLMResult
-from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult, RunInfo
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from langchain_localllms._native import iterate_in_thread
@@ -47,6 +48,47 @@ from langchain_localllms.prompts import ModelInfo
 _CALL_OPTIONS: ContextVar[dict[str, Any] | None] = ContextVar(
     "langchain_localllms_call_options", default=None
 )
+#: True inside ``batch``/``abatch`` with ``return_exceptions=True``: one prompt's failure
+#: is its own, and the others still get their answers.
+_ISOLATE: ContextVar[bool] = ContextVar("langchain_localllms_isolate", default=False)
+
+Outcome = Generation | Exception
+"""One prompt's result: its generation, or the error that ended it."""
+
+
+class _PartialFailure(Exception):
+    """Some prompts of an isolating batch failed; carries every prompt's outcome."""
+
+    def __init__(self, prompts: list[str], outcomes: list[Outcome]) -> None:
+        super().__init__("some prompts of the batch failed")
+        self.prompts = prompts
+        self.outcomes = outcomes
+
+    def _matches(self, prompts: list[str]) -> list[int | None]:
+        """Each batch prompt's place among those that ran (None: the cache answered it).
+
+        LangChain runs the prompts the cache misses, in order: a subsequence.
+        """
+        j, places = 0, list[int | None]()
+        for prompt in prompts:
+            if j < len(self.prompts) and prompt == self.prompts[j]:
+                places.append(j)
+                j += 1
+            else:
+                places.append(None)
+        return places
+
+    def unmatched(self, prompts: list[str]) -> list[int]:
+        """The batch prompts the cache answered."""
+        return [i for i, j in enumerate(self._matches(prompts)) if j is None]
+
+    def place(self, prompts: list[str], cached: Callable[[int], Any]) -> list[Any]:
+        """Each batch prompt's text or error; ``cached(i)`` for those the cache answered."""
+        out: list[Any] = []
+        for i, j in enumerate(self._matches(prompts)):
+            outcome = cached(i) if j is None else self.outcomes[j]
+            out.append(outcome.text if isinstance(outcome, Generation) else outcome)
+        return out
 
 
 @dataclass(frozen=True)
@@ -424,6 +466,157 @@ class LocalLLM(BaseLLM):
             await run_manager.on_llm_new_token(final.text, chunk=final)
         yield final
 
+    # Per run: LangChain core hands ``_generate`` only the first prompt's run manager,
+    # so tokens of every prompt would reach one run. These helpers get all of them:
+    # each prompt streams to, ends in, or fails in its own run.
+    def _generate_helper(
+        self,
+        prompts: list[str],
+        stop: list[str] | None,
+        run_managers: list[CallbackManagerForLLMRun],
+        *,
+        new_arg_supported: bool,
+        **kwargs: Any,
+    ) -> LLMResult:
+        managers: list[Any] = list(run_managers) or [None] * len(prompts)
+        try:
+            outcomes = self._outcomes(prompts, stop, managers, **kwargs)
+        except BaseException as e:  # the call as a whole (an interrupt, say)
+            for m in run_managers:
+                m.on_llm_error(e, response=LLMResult(generations=[]))
+            raise
+        for m, o in zip(run_managers, outcomes, strict=True):
+            if isinstance(o, Exception):
+                m.on_llm_error(o, response=LLMResult(generations=[]))
+            else:
+                m.on_llm_end(LLMResult(generations=[[o]], llm_output=self._llm_output([[o]])))
+        return self._result(prompts, outcomes, run_managers)
+
+    async def _agenerate_helper(
+        self,
+        prompts: list[str],
+        stop: list[str] | None,
+        run_managers: list[AsyncCallbackManagerForLLMRun],
+        *,
+        new_arg_supported: bool,
+        **kwargs: Any,
+    ) -> LLMResult:
+        managers: list[Any] = list(run_managers) or [None] * len(prompts)
+        try:
+            outcomes = await self._aoutcomes(prompts, stop, managers, **kwargs)
+        except BaseException as e:
+            await asyncio.gather(
+                *(m.on_llm_error(e, response=LLMResult(generations=[])) for m in run_managers)
+            )
+            raise
+        await asyncio.gather(
+            *(
+                m.on_llm_error(o, response=LLMResult(generations=[]))
+                if isinstance(o, Exception)
+                else m.on_llm_end(LLMResult(generations=[[o]], llm_output=self._llm_output([[o]])))
+                for m, o in zip(run_managers, outcomes, strict=True)
+            )
+        )
+        return self._result(prompts, outcomes, run_managers)
+
+    def _result(
+        self, prompts: list[str], outcomes: list[Outcome], managers: Sequence[Any]
+    ) -> LLMResult:
+        """The call's result, or its first failure (every failure inside an isolating batch)."""
+        failures = [o for o in outcomes if isinstance(o, Exception)]
+        if failures:
+            if _ISOLATE.get():
+                raise _PartialFailure(prompts, outcomes)
+            raise failures[0]
+        gens = [[o] for o in outcomes if isinstance(o, Generation)]
+        run = [RunInfo(run_id=m.run_id) for m in managers] or None
+        return LLMResult(generations=gens, llm_output=self._llm_output(gens), run=run)
+
+    def _outcomes(
+        self, prompts: list[str], stop: list[str] | None, managers: list[Any], **kwargs: Any
+    ) -> list[Outcome]:
+        """Each prompt's generation or error; a native batch where the runtime has one."""
+        call = self._resolve(stop, kwargs) if len(prompts) > 1 else None
+        rows = self._batch_rows(prompts, call) if call and self._batches_natively() else None
+        if call is not None and rows is not None:
+            done: list[Outcome] = []
+            for row, m in zip(rows, managers, strict=True):
+                done.append(row.finish(call.stops) if isinstance(row, Row) else row)
+                if isinstance(row, Row) and m is not None:
+                    for chunk in row.chunks:  # its tokens to its own run, in order
+                        m.on_llm_new_token(chunk.text, chunk=chunk)
+            return done
+
+        def one(prompt: str, manager: Any) -> Outcome:
+            try:
+                return _join(self._stream(prompt, stop, manager, **kwargs))
+            except Exception as e:
+                return e
+
+        workers = min(self._concurrency(), len(prompts)) if len(prompts) > 1 else 1
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                return list(pool.map(one, prompts, managers))
+        outcomes: list[Outcome] = []
+        for prompt, manager in zip(prompts, managers, strict=True):
+            outcome = one(prompt, manager)
+            outcomes.append(outcome)
+            if isinstance(outcome, Exception) and not _ISOLATE.get():
+                # The call fails with this error: the rest need not run.
+                outcomes += [outcome] * (len(prompts) - len(outcomes))
+                break
+        return outcomes
+
+    async def _aoutcomes(
+        self, prompts: list[str], stop: list[str] | None, managers: list[Any], **kwargs: Any
+    ) -> list[Outcome]:
+        call = self._resolve(stop, kwargs) if len(prompts) > 1 else None
+        rows = None
+        if call is not None and self._batches_natively():
+            rows = await asyncio.get_running_loop().run_in_executor(
+                None, self._batch_rows, prompts, call
+            )
+        if call is not None and rows is not None:
+            results: list[Outcome] = []
+            for row, m in zip(rows, managers, strict=True):
+                results.append(row.finish(call.stops) if isinstance(row, Row) else row)
+                if isinstance(row, Row) and m is not None:
+                    for chunk in row.chunks:
+                        await m.on_llm_new_token(chunk.text, chunk=chunk)
+            return results
+        limit = asyncio.Semaphore(await self._aconcurrency() if len(prompts) > 1 else 1)
+
+        async def one(prompt: str, manager: Any) -> Outcome:
+            async with limit:
+                try:
+                    chunks = [c async for c in self._astream(prompt, stop, manager, **kwargs)]
+                except Exception as e:
+                    return e
+                return _join(iter(chunks))
+
+        return list(
+            await asyncio.gather(*(one(p, m) for p, m in zip(prompts, managers, strict=True)))
+        )
+
+    def _batch_rows(self, prompts: list[str], call: Call) -> list[Row | Exception] | None:
+        """The native batch's rows, or per prompt the error that failed it.
+
+        None: the runtime streams these prompts one at a time instead. When the batch
+        fails, its halves are tried apart: a prompt that fails on its own fails alone,
+        and the others still batch.
+        """
+        try:
+            rows = self._generate_batch(prompts, call)
+        except Exception as e:
+            if len(prompts) == 1:
+                return [e]
+            mid = len(prompts) // 2
+            left = self._batch_rows(prompts[:mid], call)
+            right = self._batch_rows(prompts[mid:], call)
+            return [*(left or [e] * mid), *(right or [e] * (len(prompts) - mid))]
+        return None if rows is None else list(rows)
+
+    # Direct callers of the hooks (LangChain calls the helpers above).
     def _generate(
         self,
         prompts: list[str],
@@ -431,25 +624,9 @@ class LocalLLM(BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        generations: list[Generation] | None = None
-        if len(prompts) > 1:
-            call = self._resolve(stop, kwargs)
-            rows = self._generate_batch(prompts, call)
-            if rows is not None:
-                generations = [row.finish(call.stops) for row in rows]
-        if generations is None:
-
-            def one(prompt: str) -> Generation:
-                return _join(self._stream(prompt, stop, run_manager, **kwargs))
-
-            workers = min(self._concurrency(), len(prompts)) if len(prompts) > 1 else 1
-            if workers > 1:
-                with ThreadPoolExecutor(workers) as pool:
-                    generations = list(pool.map(one, prompts))
-            else:
-                generations = [one(p) for p in prompts]
-        gens = [[g] for g in generations]
-        return LLMResult(generations=gens, llm_output=self._llm_output(gens))
+        return self._result(
+            prompts, self._outcomes(prompts, stop, [run_manager] * len(prompts), **kwargs), []
+        )
 
     async def _agenerate(
         self,
@@ -458,23 +635,72 @@ class LocalLLM(BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        if len(prompts) > 1 and self._batches_natively():
-            call = self._resolve(stop, kwargs)
-            rows = await asyncio.get_running_loop().run_in_executor(
-                None, self._generate_batch, prompts, call
+        outcomes = await self._aoutcomes(prompts, stop, [run_manager] * len(prompts), **kwargs)
+        return self._result(prompts, outcomes, [])
+
+    # Failures per prompt: LangChain core's ``batch(return_exceptions=True)`` fails every
+    # prompt of a generate call when one fails.
+    def batch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        if not return_exceptions or not inputs:
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        configs = get_config_list(config, len(inputs))
+        out: list[Any] = []
+        for part, confs in _parts(inputs, configs):
+            prompts = [self._convert_input(x) for x in part]
+            token = _ISOLATE.set(True)
+            try:
+                result = self.generate_prompt(prompts, **_per_prompt(confs), **kwargs)
+                out += [g[0].text for g in result.generations]
+            except _PartialFailure as e:
+                out += e.place(
+                    [p.to_string() for p in prompts],
+                    lambda i: self.batch([part[i]], confs[i], return_exceptions=True, **kwargs)[0],  # noqa: B023
+                )
+            except Exception as e:
+                out += [e] * len(part)
+            finally:
+                _ISOLATE.reset(token)
+        return out
+
+    async def abatch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        if not return_exceptions or not inputs:
+            return await super().abatch(
+                inputs, config, return_exceptions=return_exceptions, **kwargs
             )
-            if rows is not None:
-                gens = [[row.finish(call.stops)] for row in rows]
-                return LLMResult(generations=gens, llm_output=self._llm_output(gens))
-        limit = asyncio.Semaphore(await self._aconcurrency() if len(prompts) > 1 else 1)
-
-        async def one(prompt: str) -> Generation:
-            async with limit:
-                chunks = [c async for c in self._astream(prompt, stop, run_manager, **kwargs)]
-                return _join(iter(chunks))
-
-        gens = [[g] for g in await asyncio.gather(*(one(p) for p in prompts))]
-        return LLMResult(generations=gens, llm_output=self._llm_output(gens))
+        configs = get_config_list(config, len(inputs))
+        out: list[Any] = []
+        for part, confs in _parts(inputs, configs):
+            prompts = [self._convert_input(x) for x in part]
+            token = _ISOLATE.set(True)
+            try:
+                result = await self.agenerate_prompt(prompts, **_per_prompt(confs), **kwargs)
+                out += [g[0].text for g in result.generations]
+            except _PartialFailure as e:
+                cached = {}
+                for i in e.unmatched([p.to_string() for p in prompts]):
+                    cached[i] = (
+                        await self.abatch([part[i]], confs[i], return_exceptions=True, **kwargs)
+                    )[0]
+                out += e.place([p.to_string() for p in prompts], cached.__getitem__)
+            except Exception as e:
+                out += [e] * len(part)
+            finally:
+                _ISOLATE.reset(token)
+        return out
 
     def _llm_output(self, gens: list[list[Generation]]) -> dict[str, Any]:
         return llm_output(gens, **self._llm_output_extra())
@@ -502,19 +728,46 @@ class Row:
     pieces: list[str]
     tally: Tally
     prefix: str = ""
+    chunks: list[GenerationChunk] = field(default_factory=list)
+    """After :meth:`finish`: the chunks a stream of this answer would have given."""
 
     def finish(self, stops: Sequence[str]) -> Generation:
         """Cut at the first stop and build usage, exactly as a stream would."""
         assembler = _Assembler(stops, self.tally)
-        text = [assembler.feed(self.prefix)] if self.prefix else []
+        chunks = [assembler.feed(Echo(self.prefix))] if self.prefix else []
         for n, piece in enumerate(self.pieces, 1):
-            text.append(assembler.feed(piece))
+            chunks.append(assembler.feed(piece))
             if assembler.stopped:
                 self.tally.completion_tokens = n
                 break
-        final = assembler.finish()
-        body = "".join(c.text for c in text if c is not None) + final.text
+        self.chunks = [c for c in chunks if c is not None] + [assembler.finish()]
+        final = self.chunks[-1]
+        body = "".join(c.text for c in self.chunks)
         return Generation(text=body, generation_info=final.generation_info)
+
+
+def _parts(
+    inputs: list[Any], configs: list[RunnableConfig]
+) -> Iterator[tuple[list[Any], list[RunnableConfig]]]:
+    """Sub-batches of ``max_concurrency`` prompts, as LangChain core's ``batch`` makes them."""
+    size = configs[0].get("max_concurrency") or len(inputs)
+    for i in range(0, len(inputs), size):
+        yield inputs[i : i + size], [{**c, "max_concurrency": None} for c in configs[i : i + size]]
+
+
+def _per_prompt(configs: list[RunnableConfig]) -> dict[str, Any]:
+    return {
+        key: [c.get(key) for c in configs] for key in ("callbacks", "tags", "metadata", "run_name")
+    }
+
+
+class Echo(str):
+    """The prompt, given back in front of the answer (``echo``).
+
+    No stop applies to it, and it is not a generated token.
+    """
+
+    __slots__ = ()
 
 
 class _Assembler:
@@ -529,6 +782,8 @@ class _Assembler:
         return self._stops.stopped
 
     def feed(self, piece: str) -> GenerationChunk | None:
+        if isinstance(piece, Echo):
+            return GenerationChunk(text=str(piece)) if piece else None
         self._tally.mark_piece()
         text = self._stops.push(piece)
         return GenerationChunk(text=text) if text else None

@@ -100,6 +100,7 @@ class ServerLLM(RedactedRepr, LocalLLM):
             return self.max_concurrency
         if self._slots is None and self._slots_probe is not None:
             route, _ = self._slots_probe
+            self._slots = 0  # asked: a server that cannot say is not asked again
             with contextlib.suppress(*_PROBE_ERRORS):
                 self._slots = self._read_slots(self._endpoint().request_json(route, method="GET"))
         return self._slots or DEFAULT_CONCURRENCY
@@ -107,10 +108,11 @@ class ServerLLM(RedactedRepr, LocalLLM):
     async def _aconcurrency(self) -> int:
         if self.max_concurrency is None and self._slots is None and self._slots_probe:
             route, _ = self._slots_probe
+            self._slots = 0
             with contextlib.suppress(*_PROBE_ERRORS):
                 reply = await self._endpoint().arequest_json(route, method="GET")
                 self._slots = self._read_slots(reply)
-        return self._concurrency()
+        return self._concurrency()  # asked already: never a request on the event loop
 
     def _read_slots(self, reply: Any) -> int:
         """The slot count in the probe's reply; 0 (asked, not told) if it has none."""

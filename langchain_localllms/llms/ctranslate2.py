@@ -155,6 +155,10 @@ class CTranslate2(LocalLLM):
 
     max_length: int = Field(default=512, ge=1)
     """Most tokens to generate (the prompt is not counted)."""
+    max_input_length: int = Field(default=0, ge=0)
+    """Longest prompt in tokens (0: no limit; CTranslate2's generator has none). Set it
+    to the context the model was trained for: a longer prompt is then an error instead
+    of an answer from positions the model never saw."""
     min_length: int = Field(default=0, ge=0)
     """Fewest tokens to generate before the end token is allowed."""
     sampling_topk: int = Field(default=1, ge=0)
@@ -193,7 +197,7 @@ class CTranslate2(LocalLLM):
     """Whether ``max_batch_size`` counts prompts or tokens."""
 
     _call_fields: ClassVar[tuple[str, ...]] = (
-        "max_length", "min_length", "sampling_topk", "sampling_topp",
+        "max_length", "max_input_length", "min_length", "sampling_topk", "sampling_topp",
         "sampling_temperature", "repetition_penalty", "no_repeat_ngram_size",
         "disable_unk", "suppress_sequences", "end_token", "static_prompt",
         "cache_static_prompt", "beam_size", "patience", "length_penalty",

@@ -229,8 +229,8 @@ class CTranslate2Engine:
         """
         static = self._static(p)
         if static is None:
-            return None, self._encode(prompts, specials=True)
-        encoded = self._encode(prompts, specials=False)
+            return None, _fits(self._encode(prompts, specials=True), 0, p["max_input_length"])
+        encoded = _fits(self._encode(prompts, specials=False), len(static), p["max_input_length"])
         if all(encoded):
             return static, encoded
         return None, [[*static, *ids] for ids in encoded]
@@ -464,3 +464,16 @@ def ct2_dir(path: str | os.PathLike[str]) -> Path:
         )
         raise ValueError(msg)
     return model_dir(p, kind="CTranslate2 model", must_have=("model.bin", "config.json"))
+
+
+def _fits(encoded: list[list[int]], static: int, limit: int) -> list[list[int]]:
+    """``encoded``, if every prompt (after ``static`` tokens) is at most ``limit`` long."""
+    for ids in encoded:
+        if limit and static + len(ids) > limit:
+            msg = (
+                f"the prompt is {static + len(ids)} tokens, more than max_input_length="
+                f"{limit}: shorten it, or raise max_input_length (0: no limit) up to the "
+                "context the model was trained for"
+            )
+            raise ValueError(msg)
+    return encoded

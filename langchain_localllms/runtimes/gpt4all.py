@@ -50,6 +50,7 @@ class GPT4AllEngine:
         engine = self.model.model  # gpt4all's LLModel
         raw_decoder = type(engine)._callback_decoder
         counts = {"prompt": 0, "decoded": 0}
+        failure: list[str] = []
 
         def work(emit: Emit) -> None:
             def count_prompt(token_id: int) -> bool:
@@ -63,6 +64,9 @@ class GPT4AllEngine:
                 decode = raw_decoder(engine, callback)
 
                 def raw(token_id: int, response: bytes) -> bool:
+                    if token_id == -1:  # the backend's error, sent as if it were text
+                        failure.append(response.decode("utf-8", errors="replace"))
+                        return False
                     counts["decoded"] += 1
                     if not emit(_TOKEN):
                         return False
@@ -92,6 +96,13 @@ class GPT4AllEngine:
                 )
             finally:
                 del engine._prompt_callback, engine._callback_decoder
+            if failure:
+                msg = (
+                    "GPT4All could not run the prompt: "
+                    f"{failure[0].removeprefix('ERROR: ')} Shorten the prompt or load "
+                    "the model with a larger n_ctx."
+                )
+                raise ValueError(msg)
 
         items = self.shared.stream(work)
         try:

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from langchain_localllms._base import Echo
 from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
@@ -116,7 +117,7 @@ class LlamaCppEngine:
         grammar = self.grammar(p["grammar"]) if p["grammar"] is not None else None
         tally.prompt_tokens = len(tokens)
         if p["echo"]:
-            yield prompt
+            yield Echo(prompt)
 
         def work(emit: Emit) -> None:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

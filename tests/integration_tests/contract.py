@@ -56,6 +56,25 @@ class Recorder(BaseCallbackHandler):
         self.ends.append(response)
 
 
+class RunRecorder(BaseCallbackHandler):
+    """Records each run's prompt and tokens by run id."""
+
+    def __init__(self) -> None:
+        self.prompts: dict[Any, str] = {}
+        self.tokens: dict[Any, list[str]] = {}
+
+    def on_llm_start(self, serialized: Any, prompts: list[str], *, run_id: Any, **kwargs: Any) -> None:
+        self.prompts[run_id] = prompts[0]
+        self.tokens.setdefault(run_id, [])
+
+    def on_llm_new_token(self, token: str, *, run_id: Any, **kwargs: Any) -> None:
+        self.tokens.setdefault(run_id, []).append(token)
+
+
+#: Longer than the context of every model the tests load (Gemma's is 32,768 tokens).
+TOO_LONG = "word " * 40_000
+
+
 class LLMContract:
     """Subclass, and provide an ``llm`` fixture (greedy)."""
 
@@ -66,6 +85,8 @@ class LLMContract:
     #: Prompts the model answers with a few words at least (random test models may
     #: end some prompts at once).
     prompts: ClassVar[list[str]] = PROMPTS
+    #: Options that give the runtime a context limit, where it has none by default.
+    context_limit: ClassVar[dict[str, Any]] = {}
 
     @pytest.fixture
     def llm(self) -> BaseLLM:  # pragma: no cover - subclasses override
@@ -101,6 +122,22 @@ class LLMContract:
             assert outs == [llm.invoke(p) for p in self.prompts]
         else:
             assert len(set(outs)) > 1, "a batch gave every prompt the same answer"
+
+    def test_batch_tokens_reach_their_own_runs(self, llm: BaseLLM) -> None:
+        # Tracers and per-run handlers see each prompt's tokens under its own run.
+        rec = RunRecorder()
+        outs = llm.batch(self.prompts, config={"callbacks": [rec]})
+        assert len(rec.prompts) == len(self.prompts)
+        by_prompt = {rec.prompts[run]: "".join(rec.tokens[run]) for run in rec.prompts}
+        assert by_prompt == dict(zip(self.prompts, outs, strict=True))
+
+    def test_batch_isolates_a_prompt_that_fails(self, llm: BaseLLM) -> None:
+        # A prompt far longer than any context fails alone; the others are answered.
+        good = self.prompts[:2]
+        outs = llm.batch([good[0], TOO_LONG, good[1]], return_exceptions=True, **self.context_limit)
+        assert isinstance(outs[1], Exception), f"an over-long prompt was answered: {outs[1]!r:.80}"
+        assert "context" in str(outs[1]) or "long" in str(outs[1]), outs[1]
+        assert [outs[0], outs[2]] == llm.batch(good)
 
     def test_generate_many_prompts_sums_usage(self, llm: BaseLLM) -> None:
         result = llm.generate(self.prompts[:2])

@@ -75,8 +75,13 @@ def spy(monkeypatch):
 
 
 # ------------------------------------------------------------------ contract
+#: CTranslate2's generator reads prompts of any length; Gemma-3 was trained on 32,768.
+CONTEXT = {"max_input_length": 32_768}
+
+
 class TestGemmaContract(LLMContract):
     max_tokens_option = "max_length"
+    context_limit = CONTEXT
 
     @pytest.fixture
     def llm(self, gemma):
@@ -89,6 +94,7 @@ class TestGemmaContract(LLMContract):
 
 class TestGemmaInt8Contract(LLMContract):
     max_tokens_option = "max_length"
+    context_limit = CONTEXT
     # int8 can round differently in a padded batch than alone (see
     # test_int8_batch_may_differ_from_single); for these prompts it does not.
     batch_matches_single = True
@@ -104,6 +110,7 @@ class TestGemmaInt8Contract(LLMContract):
 
 class TestTinyContract(LLMContract):
     max_tokens_option = "max_length"
+    context_limit = CONTEXT
     prompts = TINY_PROMPTS  # the random model ends "One, two, three, four," at once
 
     @pytest.fixture

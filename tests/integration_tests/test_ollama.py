@@ -41,6 +41,17 @@ class TestLoopbackContract(LLMContract):
     def llm(self, gemma):
         return gemma
 
+    def test_batch_isolates_a_prompt_that_fails(self, llm, ollama):
+        # Ollama cuts an over-long prompt to num_ctx instead of failing it, so here the
+        # prompt that fails is one whose runner errors (the server's error line).
+        one_at_a_time = llm.model_copy(update={"max_concurrency": 1})
+        good = self.prompts[:2]
+        want = one_at_a_time.batch(good)
+        ollama.inject("error", after=0)  # the next generation: the first of the batch
+        outs = one_at_a_time.batch([self.prompts[2], *good], return_exceptions=True)
+        assert isinstance(outs[0], ServerError) and "running the model" in str(outs[0])
+        assert outs[1:] == want
+
 
 class Person(pydantic.BaseModel):
     name: str

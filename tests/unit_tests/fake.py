@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from langchain_localllms._base import Call, LocalLLM
+from langchain_localllms._base import Call, LocalLLM, Row
 from langchain_localllms._usage import Tally
 
 
@@ -20,6 +20,8 @@ class ScriptedLLM(LocalLLM):
     temperature: float = 0.0
     delay: float = 0.0
     fail_after: int | None = None
+    refuse: str | None = None
+    """Prompts containing this fail at once with ValueError (like an over-long prompt)."""
 
     _call_fields: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature")
     _call_only: ClassVar[tuple[str, ...]] = ("grammar",)
@@ -33,6 +35,7 @@ class ScriptedLLM(LocalLLM):
         return "scripted"
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
+        self._check(prompt)
         tally.prompt_tokens = len(prompt.split())
         tally.finish_reason = "stop"
         pieces = self.answers.get(prompt, self.pieces)
@@ -51,6 +54,29 @@ class ScriptedLLM(LocalLLM):
                 yield piece
         finally:
             self.closed.append(True)
+
+
+    def _check(self, prompt: str) -> None:
+        if self.refuse is not None and self.refuse in prompt:
+            msg = f"the prompt {prompt!r} does not fit"
+            raise ValueError(msg)
+
+
+class BatchingLLM(ScriptedLLM):
+    """A scripted runtime that batches natively (as CTranslate2 and HF do)."""
+
+    batches: ClassVar[list[int]] = []
+
+    def _generate_batch(self, prompts: list[str], call: Call) -> list[Row]:
+        for prompt in prompts:
+            self._check(prompt)  # one bad prompt fails the whole native call
+        self.batches.append(len(prompts))
+        rows = []
+        for prompt in prompts:
+            pieces = self.answers.get(prompt, self.pieces)[: call.params["max_tokens"]]
+            tally = Tally(prompt_tokens=len(prompt.split()), completion_tokens=len(pieces))
+            rows.append(Row(list(pieces), tally))
+        return rows
 
 
 def scripted(**kw: Any) -> ScriptedLLM:

@@ -292,6 +292,19 @@ async def test_abatch_uses_as_many_requests_as_the_server_has_slots(total):
     assert slots.probes == 1  # asked once per instance
 
 
+async def test_a_server_without_props_is_asked_once_and_never_from_the_event_loop():
+    slots = Slots()  # /props answers 404
+    llm = Llamafile(client_kwargs={"transport": slots})
+    sync_probes = []
+    real = slots.handle_request
+    slots.handle_request = lambda request: (sync_probes.append(request.url.path), real(request))[1]
+    await llm.abatch(PROMPTS)
+    await llm.abatch(PROMPTS)
+    assert slots.probes == 1  # the failure is remembered
+    assert "/props" not in sync_probes  # no blocking request on the loop
+    assert slots.peak == 4
+
+
 def test_batch_uses_as_many_requests_as_the_server_has_slots_and_invoke_does_not_ask():
     slots = Slots(delay=0.1, total=6)
     llm = Llamafile(client_kwargs={"transport": slots})

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from langchain_localllms._base import Row
+from langchain_localllms._base import Echo, Row
 from langchain_localllms._detok import CONTEXT_TOKENS, IncrementalDetokenizer
 from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel
@@ -194,7 +194,7 @@ class HFEngine:
         job = _Job(self, [prompt], settings, stops)
         tally.prompt_tokens = job.prompt_tokens[0]
         if settings.echo:
-            yield prompt
+            yield Echo(prompt)
         decoder = IncrementalDetokenizer(self.decode, job.contexts[0])
         eos = job.eos
 
@@ -292,8 +292,6 @@ class _Job:
         self.cancel = threading.Event()
         gen = dict(settings.generate)
         self.eos = engine.eos_ids(gen)
-        if settings.echo:
-            _check_echo(prompts, stops)
         rows = self._encode(prompts, settings)
         self.prompt_tokens = [len(r) for r in rows]
         gen["pad_token_id"] = self._pad_id(gen)
@@ -331,8 +329,8 @@ class _Job:
         longest = max(len(r) for r in rows)
         if not self.engine.seq2seq and limit and longest >= limit:
             msg = (
-                f"the prompt is {longest} tokens but this model takes at most {limit} "
-                "positions: shorten the prompt"
+                f"the prompt is {longest} tokens but this model's context holds at most "
+                f"{limit} (max_position_embeddings): shorten the prompt"
             )
             raise ValueError(msg)
         return rows
@@ -423,15 +421,3 @@ class _Job:
             if token in self.eos:
                 return new[:i], "eos"
         return new, why
-
-
-def _check_echo(prompts: list[str], stops: list[str]) -> None:
-    for prompt in prompts:
-        hit = next((s for s in stops if s in prompt), None)
-        if hit is not None:
-            msg = (
-                f"return_full_text=True but the prompt contains the stop sequence "
-                f"{hit!r}: the answer would end inside the prompt. Use "
-                "return_full_text=False (the default)."
-            )
-            raise ValueError(msg)
