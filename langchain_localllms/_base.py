@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
@@ -96,21 +97,34 @@ class Refused:
     """A parameter a runtime does not take: why, and what to do instead.
 
     ``None`` ("not set") and the values in ``accept`` (what the runtime does anyway)
-    pass, since code written for other LangChain classes often passes them; any other
-    value is an ``error`` that names the parameter and says why.
+    pass, since code written for other LangChain classes often passes them. Any other
+    value is an ``error`` that names the parameter and says why, or, with
+    ``no_effect``, a warning (once per class and parameter) that it changes nothing
+    here: for parameters that ``langchain_community`` took and the runtime ignores.
     """
 
     why: str
     accept: tuple[Any, ...] = ()
     error: type[Exception] = TypeError
+    no_effect: bool = False
 
     def check(self, name: str, value: Any, where: str) -> None:
-        """Raise unless ``value`` is None or accepted."""
+        """Raise (or warn) unless ``value`` is None or accepted."""
         if value is None or any(value is a or value == a for a in self.accept):
+            return
+        if self.no_effect:
+            if (where, name) not in _WARNED:
+                _WARNED.add((where, name))
+                warnings.warn(
+                    f"{where} ignores {name}={value!r}: {self.why}", UserWarning, stacklevel=6
+                )
             return
         shown = f"{name}={value!r}" if self.accept else f"{name}="
         msg = f"{where} does not take {shown}: {self.why}"
         raise self.error(msg)
+
+
+_WARNED: set[tuple[str, str]] = set()
 
 
 def refuse(table: Mapping[str, Refused], values: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -161,6 +175,8 @@ class LocalLLM(BaseLLM):
     _live_fields: ClassVar[tuple[str, ...]] = ()
     #: Options that exist only per call or need no field (e.g. ``grammar``).
     _call_only: ClassVar[tuple[str, ...]] = ()
+    #: Whether a ``streaming`` field decides if ``invoke`` sends tokens to callbacks.
+    _streaming_gates_tokens: ClassVar[bool] = False
     #: Names of the fields LangSmith reports as temperature / max tokens.
     _temperature_field: ClassVar[str | None] = "temperature"
     _max_tokens_field: ClassVar[str | None] = "max_tokens"
@@ -274,6 +290,22 @@ class LocalLLM(BaseLLM):
         if stop or self.stop:
             params["ls_stop"] = stop or self.stop
         return params
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in this model's own vocabulary (never GPT-2's).
+
+        LangChain's default downloads GPT-2's tokenizer from the Hub: a network call,
+        and the wrong vocabulary. Classes that can tokenize override this.
+        """
+        msg = (
+            f"{type(self).__name__} cannot tokenize with its model's vocabulary, and this "
+            "package never downloads another one"
+        )
+        raise NotImplementedError(msg)
+
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in this model's vocabulary."""
+        return len(self.get_token_ids(text))
 
     def with_grammar(self, grammar: Any) -> Runnable[Any, Any]:
         """A runnable that constrains decoding with ``grammar`` and parses the answer.
@@ -542,14 +574,16 @@ class LocalLLM(BaseLLM):
             done: list[Outcome] = []
             for row, m in zip(rows, managers, strict=True):
                 done.append(row.finish(call.stops) if isinstance(row, Row) else row)
-                if isinstance(row, Row) and m is not None:
+                if isinstance(row, Row) and m is not None and self._tokens_in_generate():
                     for chunk in row.chunks:  # its tokens to its own run, in order
                         m.on_llm_new_token(chunk.text, chunk=chunk)
             return done
 
+        tokens = self._tokens_in_generate()
+
         def one(prompt: str, manager: Any) -> Outcome:
             try:
-                return _join(self._stream(prompt, stop, manager, **kwargs))
+                return _join(self._stream(prompt, stop, manager if tokens else None, **kwargs))
             except Exception as e:
                 return e
 
@@ -580,16 +614,23 @@ class LocalLLM(BaseLLM):
             results: list[Outcome] = []
             for row, m in zip(rows, managers, strict=True):
                 results.append(row.finish(call.stops) if isinstance(row, Row) else row)
-                if isinstance(row, Row) and m is not None:
+                if isinstance(row, Row) and m is not None and self._tokens_in_generate():
                     for chunk in row.chunks:
                         await m.on_llm_new_token(chunk.text, chunk=chunk)
             return results
         limit = asyncio.Semaphore(await self._aconcurrency() if len(prompts) > 1 else 1)
 
+        tokens = self._tokens_in_generate()
+
         async def one(prompt: str, manager: Any) -> Outcome:
             async with limit:
                 try:
-                    chunks = [c async for c in self._astream(prompt, stop, manager, **kwargs)]
+                    chunks = [
+                        c
+                        async for c in self._astream(
+                            prompt, stop, manager if tokens else None, **kwargs
+                        )
+                    ]
                 except Exception as e:
                     return e
                 return _join(iter(chunks))
@@ -711,6 +752,13 @@ class LocalLLM(BaseLLM):
     async def _aconcurrency(self) -> int:
         """``_concurrency`` for the async path (runtimes that must ask override)."""
         return self._concurrency()
+
+    def _tokens_in_generate(self) -> bool:
+        """Whether ``invoke``/``generate`` send tokens to callbacks.
+
+        A ``streaming`` field says, where the class has one that means this.
+        """
+        return bool(getattr(self, "streaming", True)) if self._streaming_gates_tokens else True
 
     def _batches_natively(self) -> bool:
         return type(self)._generate_batch is not LocalLLM._generate_batch

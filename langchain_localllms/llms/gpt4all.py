@@ -12,6 +12,7 @@ from langchain_localllms._base import Call, LocalLLM, Refused
 from langchain_localllms._files import cpu_count, model_file
 from langchain_localllms._usage import Tally
 from langchain_localllms.runtimes.gpt4all import GPT4AllEngine
+from langchain_localllms.runtimes.llamacpp import gguf_token_ids
 
 
 class GPT4All(LocalLLM):
@@ -73,7 +74,8 @@ class GPT4All(LocalLLM):
     verbose: bool = False
     """Let GPT4All print its debug messages."""
     streaming: bool = True
-    """Send each token to ``on_llm_new_token`` during ``invoke``/``generate`` too."""
+    """Send each token to ``on_llm_new_token`` during ``invoke``/``generate`` too
+    (False: callbacks get the answer at its end; ``stream()`` always streams)."""
 
     max_tokens: int = Field(default=200, ge=1)
     """Most tokens to generate (``n_predict`` is accepted as another name)."""
@@ -91,18 +93,35 @@ class GPT4All(LocalLLM):
     """How many recent tokens the repeat penalty looks at."""
     n_batch: int = Field(default=128, ge=1)
     """Prompt tokens evaluated per step (GPT4All's own default of 8 is slow)."""
+    echo: bool = False
+    """Return the prompt in front of the answer."""
 
     _call_fields: ClassVar[tuple[str, ...]] = (
         "max_tokens", "temp", "top_k", "top_p", "min_p", "repeat_penalty",
-        "repeat_last_n", "n_batch",
+        "repeat_last_n", "n_batch", "echo",
     )  # fmt: skip
     _temperature_field: ClassVar[str | None] = "temp"
+    # langchain_community's parameters, each with the choice made for it.
+    _streaming_gates_tokens: ClassVar[bool] = True
     _refused: ClassVar[dict[str, Refused]] = {
-        **dict.fromkeys(
-            ("seed", "n_parts", "f16_kv", "logits_all", "vocab_only", "use_mlock", "embedding"),
-            Refused("the GPT4All engine has no such setting; remove it"),
+        "seed": Refused(
+            "the GPT4All engine cannot be seeded; sampling with temp > 0 differs per call "
+            "(temp=0 is repeatable)",
+            no_effect=True,
         ),
-        "echo": Refused("the GPT4All engine cannot return the prompt; prepend it yourself"),
+        "n_parts": Refused("the GPT4All engine has no such setting", no_effect=True),
+        "f16_kv": Refused("the GPT4All engine picks its KV cache type", no_effect=True),
+        "use_mlock": Refused("the GPT4All engine has no such setting", no_effect=True),
+        "logits_all": Refused("the GPT4All engine has no such setting", no_effect=True),
+        "vocab_only": Refused(
+            "it loads no weights, so nothing could be generated", accept=(False,), error=ValueError
+        ),
+        "embedding": Refused(
+            "this class generates text; for embeddings use an embeddings class",
+            accept=(False,),
+            error=ValueError,
+        ),
+        "client": Refused("give model; this class loads the model itself (then `llm.model`)"),
     }
 
     _engine: GPT4AllEngine | None = PrivateAttr(default=None)
@@ -154,6 +173,13 @@ class GPT4All(LocalLLM):
             "n_ctx": self.n_ctx,
             **super()._identity(),
         }
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in the model's vocabulary.
+
+        llama.cpp reads it from the GGUF file: gpt4all's own bindings cannot tokenize.
+        """
+        return gguf_token_ids(Path(self.model), text)
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
         assert self._engine is not None  # set by _setup

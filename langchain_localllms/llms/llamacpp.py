@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, model_validator
 
 from langchain_localllms._base import Call, LocalLLM, Refused
 from langchain_localllms._files import cpu_count, model_file
@@ -16,6 +16,12 @@ from langchain_localllms.prompts import ModelInfo
 from langchain_localllms.runtimes.llamacpp import LlamaCppEngine
 
 _F16, _F32 = 1, 0  # ggml type ids of the KV cache
+#: Fields passed to ``llama_cpp.Llama`` under their own name.
+_LOAD_FIELDS = frozenset({
+    "n_ctx", "n_batch", "n_threads", "n_threads_batch", "seed", "use_mlock", "use_mmap",
+    "logits_all", "last_n_tokens_size", "verbose", "n_gpu_layers", "lora_base", "lora_path",
+    "rope_freq_base", "rope_freq_scale",
+})  # fmt: skip
 
 
 class LlamaCpp(LocalLLM):
@@ -93,7 +99,8 @@ class LlamaCpp(LocalLLM):
     verbose: bool = False
     """Let llama.cpp print its loading and timing logs."""
     streaming: bool = True
-    """Send each token to ``on_llm_new_token`` during ``invoke``/``generate`` too."""
+    """Send each token to ``on_llm_new_token`` during ``invoke``/``generate`` too
+    (False: callbacks get the answer at its end; ``stream()`` always streams)."""
 
     max_tokens: int | None = Field(default=256, ge=-1)
     """Most tokens to generate; None, 0 or -1: until the context is full."""
@@ -133,6 +140,7 @@ class LlamaCpp(LocalLLM):
         "mirostat_tau", "mirostat_eta", "seed", "echo", "grammar",
     )  # fmt: skip
 
+    _streaming_gates_tokens: ClassVar[bool] = True
     _refused: ClassVar[dict[str, Refused]] = {
         "suffix": Refused(
             "fill-in-the-middle is not implemented; leave it unset", error=ValueError
@@ -140,9 +148,42 @@ class LlamaCpp(LocalLLM):
         "logprobs": Refused(
             "token log-probabilities are not implemented; leave it unset", error=ValueError
         ),
+        # langchain_community's parameters, each with the choice made for it:
+        "n_parts": Refused(
+            "llama.cpp no longer splits models into parts", accept=(-1,), no_effect=True
+        ),
+        "vocab_only": Refused(
+            "it loads no weights, so nothing could be generated", accept=(False,), error=ValueError
+        ),
+        "client": Refused(
+            "give model_path; this class loads the model itself (then `llm.client` is it)"
+        ),
     }
 
     _engine: LlamaCppEngine | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_from_model_kwargs(cls, values: Any) -> Any:
+        """``model_kwargs`` keys that have a field of their own become that field.
+
+        So the field (and the cache key) says what llama.cpp runs with.
+        """
+        if not isinstance(values, dict) or not isinstance(values.get("model_kwargs"), dict):
+            return values
+        extra = dict(values["model_kwargs"])
+        values = dict(values)
+        for name in sorted(_LOAD_FIELDS & extra.keys()):
+            value = extra.pop(name)
+            if name in values and values[name] != value:
+                msg = (
+                    f"{name} is given twice, as {name}={values[name]!r} and in model_kwargs as "
+                    f"{value!r}; give it once"
+                )
+                raise ValueError(msg)
+            values[name] = value
+        values["model_kwargs"] = extra
+        return values
 
     def _setup(self) -> None:
         if self.grammar_path is not None:
@@ -217,6 +258,7 @@ class LlamaCpp(LocalLLM):
             "lora_path": self.lora_path,
             "rope_freq_base": self.rope_freq_base,
             "rope_freq_scale": self.rope_freq_scale,
+            "model_kwargs": self.model_kwargs,
             **super()._identity(),
         }
 

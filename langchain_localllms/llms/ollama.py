@@ -14,6 +14,7 @@ from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar, json_schema_of
 from langchain_localllms.llms._server import ServerLLM
 from langchain_localllms.prompts import ModelInfo
+from langchain_localllms.runtimes.llamacpp import gguf_token_ids
 
 
 def _format(value: Any) -> str | dict[str, Any] | None:
@@ -214,11 +215,13 @@ class Ollama(ServerLLM):
     _timeout_field: ClassVar[str] = "timeout"
     _route: ClassVar[str] = "/api/generate"
     _stream_framing: ClassVar[Framing] = "ndjson"
+    # langchain_community sends these; Ollama's server ignores unknown options.
     _refused: ClassVar[dict[str, Refused]] = dict.fromkeys(
         ("mirostat", "mirostat_eta", "mirostat_tau", "tfs_z"),
         Refused(
-            f"Ollama's API no longer takes it (its options are {', '.join(_OPTIONS)}); "
-            "leave it unset"
+            f"Ollama's API no longer takes it and its server ignores it (its options are "
+            f"{', '.join(_OPTIONS)})",
+            no_effect=True,
         ),
     )
 
@@ -294,6 +297,28 @@ class Ollama(ServerLLM):
             "/api/show", {"model": self.model}, describe=self._describe_status
         )
         return dict(info)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in the model's own vocabulary.
+
+        Ollama's API has no tokenizer, so the GGUF the server runs is read here: its
+        path is the ``FROM`` line of ``/api/show``'s modelfile, on this machine when the
+        server is. Elsewhere this is an error, never a download of another vocabulary.
+        """
+        modelfile = str(self.get_model_info().get("modelfile") or "")
+        source = next(
+            (line[5:].strip() for line in modelfile.splitlines() if line.startswith("FROM ")), ""
+        )
+        path = Path(source).expanduser() if source else None
+        if path is None or not path.is_file():
+            msg = (
+                f"cannot count tokens of Ollama model {self.model!r}: Ollama's API has no "
+                f"tokenizer, and the model file it runs ({source or 'not named'}) is not on "
+                "this machine. Count with LlamaCpp(model_path=<the same GGUF>)"
+                ".get_num_tokens(text)."
+            )
+            raise NotImplementedError(msg)
+        return gguf_token_ids(path, text)
 
     def model_info(self) -> ModelInfo:
         """The model's family from ``/api/show``.

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from langchain_localllms._base import Echo
 from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
@@ -47,6 +48,8 @@ class GPT4AllEngine:
         if not prompt:
             msg = "the prompt is empty; GPT4All needs some text to continue"
             raise ValueError(msg)
+        if p["echo"]:
+            yield Echo(prompt)
         engine = self.model.model  # gpt4all's LLModel
         raw_decoder = type(engine)._callback_decoder
         counts = {"prompt": 0, "decoded": 0}

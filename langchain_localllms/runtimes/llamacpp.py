@@ -21,7 +21,13 @@ from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar
 
-__all__ = ["REBUILD_WITHOUT_AMX", "LlamaCppEngine", "cpu_has_amx", "warn_if_amx_build"]
+__all__ = [
+    "REBUILD_WITHOUT_AMX",
+    "LlamaCppEngine",
+    "cpu_has_amx",
+    "gguf_token_ids",
+    "warn_if_amx_build",
+]
 
 
 class LlamaCppEngine:
@@ -161,6 +167,23 @@ class LlamaCppEngine:
             tally.completion_tokens += n
             if text:
                 yield text
+
+
+_VOCABS: dict[str, Any] = {}
+
+
+def gguf_token_ids(path: Path, text: str) -> list[int]:
+    """``text``'s token ids in the vocabulary of the GGUF file at ``path``.
+
+    Loads only the vocabulary (no weights), once per file; for classes whose own
+    runtime cannot tokenize (GPT4All, Ollama's server).
+    """
+    key = str(path)
+    vocab = _VOCABS.get(key)
+    if vocab is None:
+        llama_cpp = require("llama_cpp", feature="counting tokens of a GGUF model")
+        vocab = _VOCABS[key] = llama_cpp.Llama(model_path=key, vocab_only=True, verbose=False)
+    return list(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
 
 def warn_if_amx_build(llama_cpp: Any) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from langchain_localllms import GPT4All
-from tests.integration_tests.contract import LLMContract
+import langchain_localllms._base as base
+from langchain_localllms import GPT4All, LlamaCpp
+from tests.integration_tests.contract import LLMContract, Recorder
 
 pytest.importorskip("gpt4all")
 
@@ -45,12 +46,19 @@ def test_gemma3_is_refused_with_the_reason(model_path):
     assert path in str(e.value) and "LlamaCpp" in str(e.value)
 
 
-def test_missing_file_and_dead_parameters(tmp_path, model_path):
+def test_missing_file_and_community_parameters(tmp_path, model_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         GPT4All(model=str(tmp_path / "missing.gguf"))
-    for name, value in (("f16_kv", True), ("seed", 0), ("use_mlock", True), ("echo", True)):
-        with pytest.raises(TypeError, match=f"does not take {name}="):
-            GPT4All(model=str(model_path("tiny-gguf")), **{name: value})
+    path = str(model_path("tiny-gguf"))
+    monkeypatch.setattr(base, "_WARNED", set())
+    # langchain_community took these and gpt4all ignores them: taken, with a warning.
+    for name, value in (("f16_kv", True), ("seed", 3), ("use_mlock", True), ("n_parts", 2)):
+        with pytest.warns(UserWarning, match=f"GPT4All ignores {name}={value}"):
+            GPT4All(model=path, **{name: value})
+    # ... and these would change what it does: refused.
+    for name in ("vocab_only", "embedding"):
+        with pytest.raises(ValueError, match=f"does not take {name}=True"):
+            GPT4All(model=path, **{name: True})
     with pytest.raises(ValueError):
         GPT4All(model=str(model_path("tiny-gguf")), allow_download=True)
 
@@ -85,3 +93,23 @@ def test_early_stop_ends_generation(tiny, monkeypatch):
     # the instance is free again at once, and the abandoned answer decodes no more
     assert tiny.invoke("Red cat and blue dog", max_tokens=2) is not None
     assert after_close < len(decoded) <= after_close + 2
+
+
+def test_tokens_are_counted_offline_with_the_models_own_vocabulary(model_path):
+    path = str(model_path("tiny-gguf"))
+    llm = GPT4All(model=path, n_ctx=256)
+    text = "The first man on the moon was"
+    assert llm.get_num_tokens(text) == LlamaCpp(model_path=path, n_ctx=64).get_num_tokens(text) > 3
+
+
+def test_echo_and_streaming_false_work(model_path):
+    path = str(model_path("tiny-gguf"))
+    llm = GPT4All(model=path, temp=0, max_tokens=6, n_ctx=256)
+    p = "The first man on the moon was"
+    answer = llm.invoke(p)
+    assert GPT4All(model=path, temp=0, max_tokens=6, n_ctx=256, echo=True).invoke(p) == p + answer
+    quiet = GPT4All(model=path, temp=0, max_tokens=6, n_ctx=256, streaming=False)
+    rec = Recorder()
+    assert quiet.invoke(p, config={"callbacks": [rec]}) == answer
+    assert rec.tokens == [] and len(rec.ends) == 1  # the answer arrives at its end only
+    assert "".join(quiet.stream(p)) == answer  # stream() always streams

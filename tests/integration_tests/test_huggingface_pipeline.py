@@ -147,8 +147,10 @@ def test_return_full_text_is_honoured(tiny):
     echoing = HuggingFacePipeline(pipeline=pipe, **GREEDY)
     assert echoing.invoke(p) == p + answer
     assert echoing.batch([p, TINY_PROMPTS[1]])[0] == p + answer
-    with pytest.raises(ValueError, match="contains the stop sequence"):
-        echoing.invoke(p, stop=["tree"])
+    # A stop applies to the answer only, also when the echoed prompt holds it.
+    word = p.split()[1]
+    assert echoing.invoke(p, stop=[word]) == p + tiny.invoke(p, stop=[word])
+    assert echoing.batch([p, p], stop=[word])[0] == p + tiny.invoke(p, stop=[word])
 
 
 def test_gpu_style_device_arguments_on_this_machine(model_path):

@@ -11,8 +11,9 @@ import pydantic
 import pytest
 from langchain_core.callbacks import CallbackManager, StreamingStdOutCallbackHandler
 
+import langchain_localllms._base as base
 from langchain_localllms import Grammar, LlamaCpp
-from tests.integration_tests.contract import PROMPT, PROMPTS, LLMContract
+from tests.integration_tests.contract import PROMPT, PROMPTS, LLMContract, Recorder
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0, "max_tokens": 16}
 
@@ -195,3 +196,37 @@ def test_repeated_prompt_decodes_the_same_on_a_sliding_window_model(gemma):
     gemma.invoke("<start_of_turn>user\nQuestion: What is the capital of France?<end_of_turn>\n")
     assert gemma.invoke(q) == first
     assert gemma.invoke(q) == first
+
+
+def test_echo_is_never_cut_by_a_stop_in_the_prompt(gemma):
+    # "France" is in the prompt: the stop applies to the answer only.
+    answer = gemma.invoke(PROMPT, stop=["France"])
+    assert gemma.invoke(PROMPT, echo=True, stop=["France"]) == PROMPT + answer
+    assert "".join(gemma.stream(PROMPT, echo=True, stop=["France"])) == PROMPT + answer
+
+
+def test_community_parameters_are_taken_and_model_kwargs_cannot_disagree(model_path, monkeypatch):
+    path = str(model_path("tiny-gguf"))
+    monkeypatch.setattr(base, "_WARNED", set())
+    # langchain_community's own defaults pass as they are
+    LlamaCpp(model_path=path, n_ctx=256, n_parts=-1, vocab_only=False, client=None)
+    with pytest.warns(UserWarning, match="LlamaCpp ignores n_parts=2"):
+        LlamaCpp(model_path=path, n_ctx=256, n_parts=2)
+    with pytest.raises(ValueError, match="vocab_only=True"):
+        LlamaCpp(model_path=path, vocab_only=True)
+    # a field given in model_kwargs is that field: the cache key says what runs
+    llm = LlamaCpp(model_path=path, model_kwargs={"n_ctx": 512})
+    assert llm.n_ctx == 512 == llm.client.n_ctx() and llm.model_kwargs == {}
+    with pytest.raises(ValueError, match="n_ctx is given twice"):
+        LlamaCpp(model_path=path, n_ctx=256, model_kwargs={"n_ctx": 512})
+    flash = LlamaCpp(model_path=path, n_ctx=256, model_kwargs={"flash_attn": True})
+    plain = LlamaCpp(model_path=path, n_ctx=256)
+    assert flash._identifying_params != plain._identifying_params
+
+
+def test_streaming_false_sends_the_answer_at_its_end(model_path):
+    llm = LlamaCpp(model_path=str(model_path("tiny-gguf")), n_ctx=256, streaming=False, **GREEDY)
+    rec = Recorder()
+    answer = llm.invoke(PROMPT, config={"callbacks": [rec]})
+    assert rec.tokens == [] and len(rec.ends) == 1
+    assert "".join(llm.stream(PROMPT)) == answer

@@ -10,7 +10,7 @@ import pydantic
 import pytest
 from langchain_core.callbacks import CallbackManager, StreamingStdOutCallbackHandler
 
-from langchain_localllms import Grammar, Ollama
+from langchain_localllms import Grammar, LlamaCpp, Ollama
 from langchain_localllms.errors import (
     BadRequestError,
     IncompleteResponseError,
@@ -250,3 +250,10 @@ def test_real_ollama_unknown_model():
 @real
 def test_real_ollama_model_info():
     assert "template" in Ollama(model=REAL_MODEL, base_url=REAL_URL).get_model_info()
+
+
+def test_tokens_are_counted_offline_with_the_models_own_vocabulary(gemma, model_path):
+    # The loopback server, like Ollama, names the GGUF it runs in /api/show's modelfile.
+    ref = LlamaCpp(model_path=str(model_path("gemma-gguf")), n_ctx=64)
+    assert gemma.get_num_tokens(PROMPT) == ref.get_num_tokens(PROMPT) > 5
+    assert gemma.get_token_ids(PROMPT) == ref.client.tokenize(PROMPT.encode(), add_bos=False, special=True)

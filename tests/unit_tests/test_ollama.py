@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import warnings
 
 import httpx
 import pydantic
 import pytest
 from langchain_core.load import dumpd
 
+import langchain_localllms._base as base
 from langchain_localllms import Grammar, Ollama
 from langchain_localllms.errors import IncompleteResponseError, NotFoundError, ServerError
 from tests.unit_tests.wire import (
@@ -102,9 +104,15 @@ def test_the_langchain_ollama_parameter_names_are_accepted():
 
 
 @pytest.mark.parametrize("name", ["mirostat", "mirostat_tau", "mirostat_eta", "tfs_z"])
-def test_parameters_ollama_no_longer_takes_are_refused_not_dropped(name):
-    with pytest.raises(TypeError, match=f"does not take {name}=: Ollama's API no longer takes it"):
+def test_parameters_ollama_ignores_are_taken_with_one_warning(name, monkeypatch):
+    # langchain_community sends them and Ollama's server ignores them: drop-in code
+    # keeps working, and is told once that they change nothing.
+    monkeypatch.setattr(base, "_WARNED", set())
+    with pytest.warns(UserWarning, match=f"Ollama ignores {name}=1: Ollama's API no longer"):
         Ollama(model="m", **{name: 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Ollama(model="m", **{name: 2})  # once per class and parameter
 
 
 # -------------------------------------------------------------------- format
