@@ -107,12 +107,20 @@ class GPT4All(LocalLLM):
         "seed": Refused(
             "the GPT4All engine cannot be seeded; sampling with temp > 0 differs per call "
             "(temp=0 is repeatable)",
+            accept=(0,),  # langchain_community's default, which never seeded anything
             no_effect=True,
         ),
-        "n_parts": Refused("the GPT4All engine has no such setting", no_effect=True),
-        "f16_kv": Refused("the GPT4All engine picks its KV cache type", no_effect=True),
-        "use_mlock": Refused("the GPT4All engine has no such setting", no_effect=True),
-        "logits_all": Refused("the GPT4All engine has no such setting", no_effect=True),
+        # langchain_community's defaults (accepted silently) never reached gpt4all either.
+        "n_parts": Refused("the GPT4All engine has no such setting", accept=(-1,), no_effect=True),
+        "f16_kv": Refused(
+            "the GPT4All engine picks its KV cache type", accept=(False,), no_effect=True
+        ),
+        "use_mlock": Refused(
+            "the GPT4All engine has no such setting", accept=(False,), no_effect=True
+        ),
+        "logits_all": Refused(
+            "the GPT4All engine has no such setting", accept=(False,), no_effect=True
+        ),
         "vocab_only": Refused(
             "it loads no weights, so nothing could be generated", accept=(False,), error=ValueError
         ),

@@ -143,9 +143,10 @@ class Ollama(ServerLLM):
     (never shown)."""
 
     # ----------------------------------------------------------------- options
-    num_predict: int = Field(default=256, ge=-2)
+    num_predict: int | None = Field(default=256, ge=-2)
     """Most tokens to generate (-1: until the model stops, -2: until the context is
-    full). Bounded by default: a base model may never stop on its own."""
+    full; None: the server's own default). Bounded by default: a base model may never
+    stop on its own."""
     temperature: float | None = Field(default=None, ge=0)
     """Sampling temperature; 0 is greedy. None: the model's default (0.8)."""
     top_k: int | None = Field(default=None, ge=0)
