@@ -40,6 +40,7 @@ from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from langchain_localllms._native import iterate_in_thread
+from langchain_localllms._redact import redact
 from langchain_localllms._stop import StopStream, check_stops
 from langchain_localllms._usage import Tally, llm_output
 from langchain_localllms.prompts import ModelInfo
@@ -261,12 +262,19 @@ class LocalLLM(BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        params = {k: identity_value(v) for k, v in self._identity().items()}
+        # Also the cache key and every callback's invocation_params: no credentials.
+        params = {k: identity_value(redact(v, k)) for k, v in self._identity().items()}
         params["stop"] = self.stop
         call = _CALL_OPTIONS.get()
         if call:
-            params["call_options"] = {k: identity_value(v) for k, v in sorted(call.items())}
+            params["call_options"] = {
+                k: identity_value(redact(v, k)) for k, v in sorted(call.items())
+            }
         return params
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact(value, name)
 
     def _ls_model_name(self) -> str:
         return self._llm_type

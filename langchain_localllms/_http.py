@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import threading
 import weakref
 from collections.abc import (
@@ -37,6 +36,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
+from langchain_localllms._redact import redact_url
 from langchain_localllms.errors import (
     BadRequestError,
     IncompleteResponseError,
@@ -47,10 +47,7 @@ from langchain_localllms.errors import (
 __all__ = [
     "Endpoint",
     "Framing",
-    "RedactedRepr",
     "read_messages",
-    "redact_headers",
-    "redact_url",
     "server_message",
     "sse_events",
 ]
@@ -58,45 +55,6 @@ __all__ = [
 Framing = Literal["ndjson", "sse", "json"]
 #: Seconds allowed to open a connection when no timeout is configured.
 CONNECT_TIMEOUT = 30.0
-
-
-# ------------------------------------------------------------------- redaction
-_SECRET_HEADER = re.compile(r"auth|token|key|secret|cookie|password|session", re.I)
-_REDACTED = "***"
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any ``user:password@`` replaced by ``***@``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    host, slash, path = rest.partition("/")
-    if "@" in host:
-        host = f"{_REDACTED}@{host.rpartition('@')[2]}"
-    return f"{scheme}{sep}{host}{slash}{path}"
-
-
-def redact_headers(headers: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """``headers`` with the values of credential-like headers replaced by ``***``."""
-    if headers is None:
-        return None
-    return {k: _REDACTED if _SECRET_HEADER.search(k) else v for k, v in headers.items()}
-
-
-class RedactedRepr:
-    """Mixin for the server runtimes: ``repr``/``str`` show no credentials."""
-
-    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        for name, value in super().__repr_args__():  # type: ignore[misc]
-            if value is not None and name == "base_url":
-                value = redact_url(value)
-            elif value is not None and name == "headers":
-                value = redact_headers(value)
-            elif value is not None and name == "auth":
-                value = _REDACTED
-            elif name == "client_kwargs" and value:
-                value = {k: _REDACTED if _SECRET_HEADER.search(k) else v for k, v in value.items()}
-            yield name, value
 
 
 # --------------------------------------------------------------------- parsing

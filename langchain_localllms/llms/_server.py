@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from pydantic import Field, PrivateAttr
 
 from langchain_localllms._base import Call, LocalLLM
-from langchain_localllms._http import Endpoint, Framing, RedactedRepr, redact_url
+from langchain_localllms._http import Endpoint, Framing
 from langchain_localllms._usage import Tally
 
 #: Requests of a batch sent at once when the server does not say how many it runs.
@@ -25,7 +25,7 @@ DEFAULT_CONCURRENCY = 4
 _PROBE_ERRORS = (RuntimeError, ConnectionError, TimeoutError, ValueError)
 
 
-class ServerLLM(RedactedRepr, LocalLLM):
+class ServerLLM(LocalLLM):
     """What the runtimes that call a local server share (not used directly).
 
     A subclass names its route and reply framing, builds the request body from a
@@ -78,7 +78,7 @@ class ServerLLM(RedactedRepr, LocalLLM):
         )
 
     def _identity(self) -> dict[str, Any]:
-        return {"base_url": redact_url(self.base_url), **super()._identity()}
+        return {"base_url": self.base_url, **super()._identity()}  # redacted by the base
 
     # ------------------------------------------------------------ subclass hooks
     def _body(self, prompt: str, call: Call) -> dict[str, Any]:

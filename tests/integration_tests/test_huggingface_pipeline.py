@@ -11,6 +11,8 @@ import threading
 import pydantic
 import pytest
 import torch
+from langchain_core.caches import InMemoryCache
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.prompts import PromptTemplate
 from transformers import (
     AutoModelForCausalLM,
@@ -532,3 +534,23 @@ def test_text2text_generation(tiny_t5, task):
     info = hf.generate([prompts[0]]).generations[0][0].generation_info
     assert info["completion_tokens"] == 12
     assert info["finish_reason"] == "length"
+
+
+def test_a_token_in_model_kwargs_reaches_no_repr_trace_or_cache_key(model_path):
+    secret = "hf_SECRET_1234"
+    llm = HuggingFacePipeline.from_model_id(
+        model_id=str(model_path("tiny-hf")), task="text-generation",
+        model_kwargs={"token": secret}, pipeline_kwargs={**GREEDY, "max_new_tokens": 3},
+    )  # fmt: skip
+    seen = []
+
+    class Spy(BaseCallbackHandler):
+        def on_llm_start(self, serialized, prompts, **kwargs):
+            seen.append(repr(kwargs.get("invocation_params")) + repr(kwargs.get("metadata")))
+
+    cache = InMemoryCache()
+    llm.cache = cache
+    llm.invoke(TINY_PROMPTS[0], config={"callbacks": [Spy()]})
+    assert seen and cache._cache  # a run was traced and an answer cached
+    for text in (repr(llm), str(llm), *seen, repr(list(cache._cache))):
+        assert secret not in text

@@ -7,18 +7,15 @@ import base64
 import logging
 
 import httpx
-import pydantic
 import pytest
 
 from langchain_localllms._http import (
     Endpoint,
-    RedactedRepr,
     read_messages,
-    redact_headers,
-    redact_url,
     server_message,
     sse_events,
 )
+from langchain_localllms._redact import is_secret, redact, redact_headers, redact_url
 from langchain_localllms.errors import (
     BadRequestError,
     IncompleteResponseError,
@@ -363,14 +360,10 @@ def test_redaction_helpers():
         "Accept": "a",
     }
 
-    class Thing(RedactedRepr, pydantic.BaseModel):
-        base_url: str
-        headers: dict[str, str]
-        auth: tuple[str, str] | None = None
-
-    text = repr(
-        Thing(base_url="http://u:pw@h", headers={"Authorization": "Bearer tok"}, auth=("u", "pw2"))
-    )
-    assert "pw" not in text
-    assert "tok" not in text
-    assert "***" in text
+    nested = {"proxy": "http://u:pw@proxy:3128", "token": "hf_x", "max_tokens": 5, "l": ["s://a:b@c"]}
+    assert redact(nested) == {
+        "proxy": "http://***@proxy:3128", "token": "***", "max_tokens": 5, "l": ["s://***@c"]
+    }  # fmt: skip
+    assert not is_secret("tokenizer")
+    assert not is_secret("max_new_tokens")
+    assert is_secret("hf_token")

@@ -405,6 +405,15 @@ def test_credentials_are_sent_but_never_shown():
     assert "pa55word" not in str(e.value)
 
 
+def test_a_proxy_password_reaches_no_repr_trace_or_cache_key():
+    llm = Llamafile(client_kwargs={"proxy": "http://user:hunter2@proxy:3128"})
+    # invocation_params (what every callback and tracer gets) and the cache key come
+    # from dict(); repr and str are what logs show.
+    for text in (repr(llm), str(llm), repr(llm.dict()), repr(llm._dict_for_compat())):
+        assert "hunter2" not in text
+    assert "proxy:3128" in repr(llm)  # redacted, not dropped
+
+
 def test_identity_tells_servers_sampling_and_grammars_apart():
     a = Llamafile(temperature=0)
     assert a._identifying_params != Llamafile(temperature=0.7)._identifying_params
