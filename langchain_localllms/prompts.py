@@ -19,6 +19,8 @@ choose by what is *loaded*, not by which class holds it:
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -106,8 +108,58 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
 
+#: Bounds on rendering one chat template: a template that comes with a GGUF file or
+#: from a server's /props must not hang ``chat_prompt()`` or exhaust memory.
+RENDER_SECONDS = 2.0
+RENDER_CHARS = 1_000_000
+
+_deadline = threading.local()
+
+
+def _tick() -> None:
+    """Fail the render in progress once it has run past :data:`RENDER_SECONDS`."""
+    until = getattr(_deadline, "at", None)
+    if until is not None and time.monotonic() > until:
+        msg = f"the chat template ran longer than {RENDER_SECONDS:g} s; it is not rendered"
+        raise ChatTemplateError(msg)
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with every call, lookup and operator checking the time.
+
+    Repetitions (``"x" * n``, ``n ** m``) are checked for size before they are made.
+    """
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _tick()
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                sized = isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+                if sized and len(seq) * n > RENDER_CHARS:
+                    msg = f"the chat template repeats a value past {RENDER_CHARS:,} items"
+                    raise ChatTemplateError(msg)
+        if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+            msg = "the chat template raises a number to a power above 1024"
+            raise ChatTemplateError(msg)
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _tick()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _tick()
+        return super().getitem(obj, argument)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[jinja2.ext.loopcontrols],
@@ -132,21 +184,33 @@ def render_chat(
     """Render a chat template in a Jinja sandbox.
 
     The sandbox refuses access to Python internals (``__class__``, ``__globals__``,
-    ...) and mutation of passed objects, so a hostile template cannot run code.
+    ...) and mutation of passed objects, so a hostile template cannot run code; a
+    render is bounded to :data:`RENDER_SECONDS` and :data:`RENDER_CHARS` of output.
 
     Raises:
         ChatTemplateError: the template is broken, touches what the sandbox forbids,
-            or refuses the messages (``raise_exception`` in the template).
+            refuses the messages (``raise_exception`` in the template), or runs past
+            its time or size bound.
     """
+    _deadline.at = time.monotonic() + RENDER_SECONDS
     try:
         compiled = _ENV.from_string(template)
-        return compiled.render(
+        out: list[str] = []
+        size = 0
+        for piece in compiled.generate(
             messages=list(messages),
             bos_token=bos_token,
             eos_token=eos_token,
             add_generation_prompt=add_generation_prompt,
             **extra,
-        )
+        ):
+            size += len(piece)
+            if size > RENDER_CHARS:
+                msg = f"the chat template wrote more than {RENDER_CHARS:,} characters"
+                raise ChatTemplateError(msg)
+            out.append(piece)
+            _tick()
+        return "".join(out)
     except ChatTemplateError:
         raise
     except jinja2.exceptions.SecurityError as e:
@@ -160,6 +224,8 @@ def render_chat(
     except Exception as e:
         msg = f"the chat template failed while rendering: {type(e).__name__}: {e}"
         raise ChatTemplateError(msg) from e
+    finally:
+        _deadline.at = None
 
 
 # ------------------------------------------------------------ known formats

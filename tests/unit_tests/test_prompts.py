@@ -1,8 +1,11 @@
 """Chat templates in a sandbox, model-aware predicates and selection (no models)."""
 
+import time
+
 import pytest
 from langchain_core.prompts import PromptTemplate
 
+from langchain_localllms import prompts
 from langchain_localllms.prompts import (
     FORMATS,
     ChatTemplateError,
@@ -103,3 +106,24 @@ def test_selector_order():
     assert chatty.format(question="x").startswith("<|im_start|>user\nQ: x")
     assert sel.get_prompt(Fake(architecture="mystery")) is default
     assert ModelPromptSelector(default, use_chat_format=False).get_prompt(Fake(chat_template=CHATML)) is default
+
+
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [
+        # nested loops that write nothing: bounded in time
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
+        # a loop that writes a lot: bounded in size
+        ("{% for i in range(100000) %}{% for j in range(100) %}xxxxxxxxxx{% endfor %}{% endfor %}", "more than"),
+        # one huge value: refused before it is made
+        ("{{ 'x' * 1000000000 }}", "repeats a value"),
+        ("{{ 7 ** 100000000 }}", "power"),
+    ],
+)
+def test_a_hostile_template_is_bounded_in_time_and_size(template, why):
+    t0 = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=why):
+        render_chat(template, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < prompts.RENDER_SECONDS * 5
+    # the bound is per render: a good template still renders afterwards
+    assert render_chat("{{ messages[0].content }}", [{"role": "user", "content": "hi"}]) == "hi"
