@@ -39,7 +39,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from langchain_localllms._native import iterate_in_thread
+from langchain_localllms._native import current_cancel, iterate_in_thread, run_in_thread
 from langchain_localllms._redact import redact
 from langchain_localllms._stop import StopStream, check_stops
 from langchain_localllms._usage import Tally, llm_output
@@ -615,9 +615,7 @@ class LocalLLM(BaseLLM):
         call = self._resolve(stop, kwargs) if len(prompts) > 1 else None
         rows = None
         if call is not None and self._batches_natively():
-            rows = await asyncio.get_running_loop().run_in_executor(
-                None, self._batch_rows, prompts, call
-            )
+            rows = await run_in_thread(lambda: self._batch_rows(prompts, call))
         if call is not None and rows is not None:
             results: list[Outcome] = []
             for row, m in zip(rows, managers, strict=True):
@@ -657,8 +655,8 @@ class LocalLLM(BaseLLM):
         try:
             rows = self._generate_batch(prompts, call)
         except Exception as e:
-            if len(prompts) == 1:
-                return [e]
+            if len(prompts) == 1 or current_cancel():
+                return [e] * len(prompts)
             mid = len(prompts) // 2
             left = self._batch_rows(prompts[:mid], call)
             right = self._batch_rows(prompts[mid:], call)

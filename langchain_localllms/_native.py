@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 M = TypeVar("M")
 T = TypeVar("T")
@@ -44,8 +46,82 @@ T = TypeVar("T")
 #: How many pieces the thread decodes ahead of its reader when nobody else waits.
 LOOKAHEAD = 2
 
-Emit = Callable[[Any], bool]
-"""Hands one item to the reader; False once the reader has gone (stop decoding)."""
+
+class Emit(Protocol):
+    """What a job gets to hand items to its reader."""
+
+    def __call__(self, item: Any) -> bool:
+        """Hand one item to the reader; False once the reader has gone (stop decoding)."""
+        ...
+
+    def wanted(self) -> bool:
+        """Whether the reader still waits (check between long native steps)."""
+        ...
+
+
+class Cancel:
+    """A caller that gave up (an async task cancelled or timed out).
+
+    Set from the event loop; whoever waits on the caller's behalf registers a wake-up.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._lock = threading.Lock()
+        self._wakeups: list[Callable[[], None]] = []
+
+    def __bool__(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            self._set = True
+            wakeups, self._wakeups = self._wakeups, []
+        for wake in wakeups:
+            wake()
+
+    def on_set(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._set:
+                self._wakeups.append(wake)
+                return
+        wake()
+
+
+#: The cancel signal of the async call this thread works for (see iterate_in_thread).
+_CANCEL: contextvars.ContextVar[Cancel | None] = contextvars.ContextVar(
+    "langchain_localllms_cancel", default=None
+)
+
+
+def current_cancel() -> Cancel | None:
+    """The cancel signal of the async call this thread works for, if any."""
+    return _CANCEL.get()
+
+
+async def run_in_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` in a worker thread, without blocking the event loop.
+
+    If the caller gives up, :func:`current_cancel` tells ``fn`` (engines stop their
+    batch at the next step), and the caller waits only for that.
+    """
+    cancel = Cancel()
+
+    def work() -> T:
+        token = _CANCEL.set(cancel)
+        try:
+            return fn()
+        finally:
+            _CANCEL.reset(token)
+
+    future = asyncio.get_running_loop().run_in_executor(None, work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        with contextlib.suppress(Exception):
+            await future
+        raise
 
 
 class _Job:
@@ -146,25 +222,40 @@ class NativeThread:
         cond = self.cond
         items: collections.deque[Any] = collections.deque()
         gone = False
+        found = _CANCEL.get()
+        cancel = Cancel() if found is None else found  # (a Cancel is falsy until set)
 
-        def emit(item: Any) -> bool:
-            with cond:
-                items.append(item)
-                cond.notify_all()
-                while not gone and len(items) >= LOOKAHEAD and not self._jobs:
-                    cond.wait()
-                return not gone
+        class _Emitter:
+            def __call__(self, item: Any) -> bool:
+                with cond:
+                    items.append(item)
+                    cond.notify_all()
+                    while not gone and not cancel and len(items) >= LOOKAHEAD and not jobs:
+                        cond.wait()
+                    return not gone and not cancel
+
+            def wanted(self) -> bool:
+                return not gone and not cancel
+
+        jobs = self._jobs
 
         def run() -> None:
-            if not gone:
-                work(emit)
+            if not gone and not cancel:
+                work(_Emitter())
+
+        def wake() -> None:
+            with cond:
+                cond.notify_all()
 
         job = self._submit(run)
+        cancel.on_set(wake)  # a caller that gives up stops waiting at once
         try:
             while True:
                 with cond:
-                    while not items and not job.done:
+                    while not items and not job.done and not cancel:
                         cond.wait()
+                    if cancel:
+                        return
                     if items:
                         item = items.popleft()
                         cond.notify_all()
@@ -232,7 +323,7 @@ async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
-    cancelled = threading.Event()
+    cancelled = Cancel()
 
     def put(ok: bool, value: Any) -> None:
         try:
@@ -241,11 +332,14 @@ async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]
             cancelled.set()
 
     def work() -> None:
+        # Native waits on this caller's behalf end when it goes (reset: executor
+        # threads are reused).
+        token = _CANCEL.set(cancelled)
         try:
             iterator = make()
             try:
                 for item in iterator:
-                    if cancelled.is_set():
+                    if cancelled:
                         break
                     put(True, item)
             finally:
@@ -255,6 +349,8 @@ async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]
             put(True, _END)
         except BaseException as e:
             put(False, e)
+        finally:
+            _CANCEL.reset(token)
 
     worker = loop.run_in_executor(None, work)
     try:

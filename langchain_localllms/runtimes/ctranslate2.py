@@ -23,6 +23,7 @@ from langchain_localllms._base import Row
 from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms._files import model_dir
 from langchain_localllms._imports import require
+from langchain_localllms._native import current_cancel
 from langchain_localllms._stop import StopStream
 from langchain_localllms._usage import Tally
 from langchain_localllms.conversion import TOKENIZER_FILES
@@ -344,7 +345,11 @@ class CTranslate2Engine:
         watches = [_StopWatch(self._detokenizer(c), stops) for c in contexts]
         lock = threading.Lock()
 
+        cancel = current_cancel()
+
         def on_step(step: Any) -> bool:
+            if cancel:  # the caller gave up: every row ends at this step
+                return True
             with lock:
                 first_step.setdefault(step.batch_id, time.perf_counter())
             # Ends this prompt's decoding once its text holds a stop sequence.

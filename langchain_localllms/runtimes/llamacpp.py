@@ -132,6 +132,8 @@ class LlamaCppEngine:
                 # (Gemma 2/3): a repeated prompt then decodes differently. Start clean.
                 llm.reset()
             llm.set_seed(p["seed"] if p["seed"] >= 0 else llama_cpp.LLAMA_DEFAULT_SEED)
+            if not _prefill(llm, tokens, emit):
+                return  # the caller gave up during the prompt
             steps = llm.generate(
                 tokens,
                 top_k=p["top_k"],
@@ -167,6 +169,32 @@ class LlamaCppEngine:
             tally.completion_tokens += n
             if text:
                 yield text
+
+
+def _prefill(llm: Any, tokens: list[int], emit: Emit) -> bool:
+    """Evaluate the prompt but its last token, ``n_batch`` at a time.
+
+    False when the reader went away in between: a cancelled call stops within one
+    step. Only prompts longer than one step are evaluated here; ``generate`` then finds them
+    in the cache and evaluates the last token, as it would have done itself.
+    """
+    done = llm.n_tokens
+    cached = llm.input_ids[:done].tolist()
+    prefix = 0
+    for a, b in zip(cached, tokens[:-1], strict=False):
+        if a != b:
+            break
+        prefix += 1
+    end = len(tokens) - 1
+    if end - prefix <= llm.n_batch:
+        return emit.wanted()
+    llm.n_tokens = prefix  # eval drops the cache after this position
+    for start in range(prefix, end, llm.n_batch):
+        if not emit.wanted():
+            llm.reset()  # a half-read prompt must not look like a cached prefix
+            return False
+        llm.eval(tokens[start : min(start + llm.n_batch, end)])
+    return True
 
 
 _VOCABS: dict[str, Any] = {}

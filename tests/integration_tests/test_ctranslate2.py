@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 import sys
 import threading
+import types
 from typing import Any
 
 import ctranslate2
@@ -600,3 +602,22 @@ def test_seed_llmchain(gemma):
     assert out.strip()
     assert question not in out
     assert chain.invoke({"question": question})["text"] == out
+
+
+async def test_a_cancelled_abatch_stops_the_native_batch_at_the_next_step(gemma, monkeypatch):
+    steps = []
+    real = gemma.client.generate_batch
+
+    def spy(*args, callback=None, **kwargs):
+        def counting(step):
+            steps.append(step.step)
+            return callback(step) if callback else False
+
+        return real(*args, callback=counting, **kwargs)
+
+    monkeypatch.setattr(gemma._engine._handle, "generator", types.SimpleNamespace(generate_batch=spy))
+    prompts = [f"Fact {i}: the moon" for i in range(8)]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(gemma.abatch(prompts, max_length=400), 0.5)
+    assert max(steps) < 399  # the batch stopped long before max_length
+    assert len(gemma.batch(prompts[:2], max_length=4)) == 2  # the model answers again

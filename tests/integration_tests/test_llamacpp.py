@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from langchain_core.callbacks import CallbackManager, StreamingStdOutCallbackHan
 
 import langchain_localllms._base as base
 from langchain_localllms import Grammar, LlamaCpp
+from langchain_localllms._native import native_thread
 from tests.integration_tests.contract import PROMPT, PROMPTS, LLMContract, Recorder
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0, "max_tokens": 16}
@@ -230,3 +232,19 @@ def test_streaming_false_sends_the_answer_at_its_end(model_path):
     answer = llm.invoke(PROMPT, config={"callbacks": [rec]})
     assert rec.tokens == [] and len(rec.ends) == 1
     assert "".join(llm.stream(PROMPT)) == answer
+
+
+async def test_a_cancelled_call_stops_within_one_step_and_frees_the_model(model_path):
+    llm = LlamaCpp(model_path=str(model_path("gemma-gguf")), n_ctx=2048, n_batch=64, **GREEDY)
+    expected = llm.invoke(PROMPT)
+    evaluated: list[int] = []
+    real = llm.client.eval
+    llm.client.eval = lambda tokens: (evaluated.append(len(tokens)), real(tokens))[1]
+    prompt = "one two three four " * 450  # ~1,800 tokens: a few seconds of prefill here
+    total = llm.get_num_tokens(prompt)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(llm.ainvoke(prompt), 0.2)
+    # the prompt was left part-way, and the model is free again at once
+    assert sum(evaluated) < total
+    assert not native_thread("llamacpp").busy
+    assert await llm.ainvoke(PROMPT) == expected  # nothing of the cut prompt is reused

@@ -88,7 +88,7 @@ CASES: list[Case] = [
     Case("llamacpp-vocab_only", lambda: LlamaCpp(model_path=gguf(), model_kwargs={"vocab_only": True}), ValueError, "vocab_only"),
     Case("llamacpp-suffix-unsupported", lambda: LlamaCpp(model_path=gguf(), suffix="end"), ValueError, "suffix"),
     Case("llamacpp-seed-wrong-type", lambda: LlamaCpp(model_path=gguf(), seed="abc"), ValueError, "seed"),
-    Case("gpt4all-dead-parameter", lambda: GPT4All(model=tiny(), f16_kv=True), TypeError, "f16_kv"),
+    Case("gpt4all-parameter-that-would-change-results", lambda: GPT4All(model=tiny(), vocab_only=True), ValueError, "vocab_only"),
     Case("gpt4all-allow-download", lambda: GPT4All(model=tiny(), allow_download=True), ValueError, "allow_download"),
     Case("gpt4all-negative-max_tokens", lambda: GPT4All(model=tiny(), max_tokens=-1), ValueError, "max_tokens"),
     Case("callbacks-twice", lambda: LlamaCpp(model_path=gguf(), callbacks=[], callback_manager=_manager()), ValueError, "not both"),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import pickle
 import stat
 import sys
 import threading
+import time
 import types
 import warnings
 from typing import Any, ClassVar
@@ -254,3 +256,24 @@ def test_cache_root_ignores_an_empty_setting(monkeypatch, tmp_path):
     assert cache_root("ct2") == Path.home() / ".cache" / "langchain-localllms" / "ct2"
     monkeypatch.setenv("LOCALLLMS_CACHE", str(tmp_path))
     assert cache_root("openvino", "x") == tmp_path / "openvino" / "x"
+
+
+async def test_an_async_caller_that_gives_up_stops_the_job_between_its_steps():
+    # A job whose steps emit nothing (a long prompt being read) checks wanted().
+    shared = SharedModel(object(), None, runtime="cancel")
+    steps: list[int] = []
+
+    def work(emit):
+        while emit.wanted() and len(steps) < 1000:
+            steps.append(1)
+            time.sleep(0.005)
+        emit("done")
+
+    async def consume():
+        async for _ in _native.iterate_in_thread(lambda: shared.stream(work)):
+            pass
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(consume(), 0.1)
+    assert len(steps) < 500  # it stopped long before its end
+    assert not shared.thread.busy  # and the thread is free at once

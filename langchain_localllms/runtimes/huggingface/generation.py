@@ -22,7 +22,7 @@ from typing import Any
 from langchain_localllms._base import Echo, Row
 from langchain_localllms._detok import CONTEXT_TOKENS, IncrementalDetokenizer
 from langchain_localllms._imports import require
-from langchain_localllms._native import Emit, SharedModel
+from langchain_localllms._native import Emit, SharedModel, current_cancel
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar, gbnf_for_xgrammar
 from langchain_localllms.runtimes.huggingface.options import Settings
@@ -230,9 +230,14 @@ class HFEngine:
         """Generate for many prompts, ``per_call`` of them in each ``generate`` call."""
         rows = per_call
         answers = []
+        cancel = current_cancel()
         for i in range(0, len(prompts), rows):
+            if cancel:
+                break  # the caller gave up: nobody reads the rest
             chunk = prompts[i : i + rows]
             job = _Job(self, chunk, settings, stops)
+            if cancel is not None:
+                cancel.on_set(job.cancel.set)  # the stopping criterion ends it at a step
             clock = _FirstToken()
             out = self.shared.run(functools.partial(job.generate, clock))
             for row, prompt in enumerate(chunk):
