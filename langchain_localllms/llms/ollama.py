@@ -79,13 +79,11 @@ class Ollama(ServerLLM):
     ``batch``/``abatch`` send up to ``max_concurrency`` requests at once (Ollama runs
     ``OLLAMA_NUM_PARALLEL`` of them together).
 
-    Stop sequences are applied here, on the stream, rather than by Ollama, because
-    Ollama's reply does not say which stop sequence ended an answer: the connection is
-    closed as soon as one appears (Ollama then stops generating) and
-    ``generation_info["stop_sequence"]`` names it. Ollama reports its token counts
-    only in its last message, so an answer cut by a stop sequence counts the
-    completion tokens streamed up to the stop and no prompt tokens. (With
-    ``streaming=False`` the whole answer arrives first and is then cut.)
+    Stop sequences go to Ollama (``options.stop``): it ends the answer there and sends
+    its exact token counts, also with ``streaming=False``. Its reply does not say
+    whether a stop sequence or the end token ended it, so
+    ``generation_info["stop_sequence"]`` is None then (``finish_reason`` is "stop"
+    either way). A stop the server misses is still cut here, and named.
 
     Setup:
         Install Ollama from https://ollama.com/download, then:
@@ -248,9 +246,10 @@ class Ollama(ServerLLM):
             p = {**p, "format": _format(Grammar.coerce(grammar))}
         body.update({k: p[k] for k in _TOP_LEVEL if p[k] is not None})
         options = {k: p[k] for k in _OPTIONS if p[k] is not None}
+        if call.stops:
+            options["stop"] = list(call.stops)  # Ollama stops there: exact usage
         if options:
             body["options"] = options
-        # Stop sequences stay here (see the class docstring): never in options.
         return body
 
     # ------------------------------------------------------------------- reply

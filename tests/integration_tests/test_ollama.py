@@ -36,6 +36,7 @@ def gemma(ollama):
 
 class TestLoopbackContract(LLMContract):
     max_tokens_option = "num_predict"
+    names_the_stop = False  # Ollama ends at the stop and does not say it was one
 
     @pytest.fixture
     def llm(self, gemma):
@@ -106,16 +107,20 @@ def test_gbnf_is_refused_before_any_request(gemma, ollama):
     assert len(ollama.requests) == before
 
 
-def test_stop_is_applied_here_and_ends_generation(gemma):
-    full = gemma.invoke("The first man on the moon was")
-    assert " He" in full, full
-    gen = gemma.generate(["The first man on the moon was"], stop=[" He"]).generations[0][0]
-    assert gen.text == full[: full.index(" He")]
-    assert (gen.generation_info["finish_reason"], gen.generation_info["stop_sequence"]) == (
-        "stop",
-        " He",
-    )
-    assert gemma.invoke(PROMPT)  # the loopback server is free again: the stopped answer ended there
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_stop_ends_generation_on_the_server_with_exact_usage(gemma, streaming):
+    llm = gemma.model_copy(update={"streaming": streaming})
+    p = "The first man on the moon was"
+    full = llm.generate([p]).generations[0][0]
+    assert " He" in full.text, full.text
+    gen = llm.generate([p], stop=[" He"]).generations[0][0]
+    info = gen.generation_info
+    assert gen.text == full.text[: full.text.index(" He")]
+    assert info["finish_reason"] == "stop"
+    # the server's own counts: the whole prompt, and fewer tokens than the full answer
+    assert info["prompt_tokens"] == full.generation_info["prompt_tokens"] > 0
+    assert 0 < info["completion_tokens"] < full.generation_info["completion_tokens"]
+    assert gemma.invoke(PROMPT)  # the loopback server is free again
 
 
 def test_unknown_model_says_how_to_pull_it(ollama):
@@ -227,6 +232,7 @@ real = pytest.mark.skipif(
 
 @real
 class TestRealOllamaContract(LLMContract):
+    names_the_stop = False
     max_tokens_option = "num_predict"
     batch_matches_single = False  # Ollama may decode parallel requests together
 

@@ -184,12 +184,12 @@ def test_finish_reason_from_done_reason(done_reason, finish):
     assert make(fake).generate(["x"]).generations[0][0].generation_info["finish_reason"] == finish
 
 
-def test_stop_sequences_are_applied_here_and_named_and_close_the_reply():
+def test_stops_go_to_ollama_and_one_it_misses_is_still_cut_here_and_named():
     pieces = [" Neil", " Armstrong", ".", " He", " was", " born"]
     stream = Chunks(lines(*({"response": p, "done": False} for p in pieces), DONE), 40)
     fake = FakeServer(lambda request: httpx.Response(200, stream=stream))
     gen = make(fake).generate(["x"], stop=[" He"]).generations[0][0]
-    assert "stop" not in fake.body.get("options", {})
+    assert fake.body["options"]["stop"] == [" He"]
     assert gen.text == " Neil Armstrong."
     assert (gen.generation_info["finish_reason"], gen.generation_info["stop_sequence"]) == (
         "stop",
