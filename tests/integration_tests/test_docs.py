@@ -7,6 +7,8 @@ A page whose first line is ``<!-- runs-in: NAME -->`` runs in that environment o
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import re
 from pathlib import Path
 
@@ -35,3 +37,11 @@ def test_page_runs(page: Path) -> None:
         line = text.count("\n", 0, block.start()) + 2
         code = compile(block.group(1), f"{page}:{line}", "exec")
         exec(code, namespace)  # noqa: S102 - our own documentation
+
+
+@pytest.mark.skipif(ENV != "main", reason="counted once, from the main environment")
+def test_reliability_counts_are_the_suites() -> None:
+    # docs/reliability.md's table is what the suite holds, never typed by hand.
+    script = DOCS.parent / "scripts" / "reliability_counts.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
