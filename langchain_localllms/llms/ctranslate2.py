@@ -313,9 +313,9 @@ class CTranslate2(LocalLLM):
             adds_bos=bool(starts) and starts[0] == tok.bos_token_id,
         )
 
-    def get_num_tokens(self, text: str) -> int:
-        """Tokens of ``text`` in this model's vocabulary (no special tokens)."""
-        return self._engine_or_fail().count_tokens(text)
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in this model's vocabulary (no special tokens)."""
+        return self._engine_or_fail().token_ids(text)
 
     # ---------------------------------------------------------------- converting
     @classmethod

@@ -433,9 +433,9 @@ class HuggingFacePipeline(LocalLLM):
             adds_bos=bool(ids) and bos is not None and ids[0] == bos,
         )
 
-    def get_num_tokens(self, text: str) -> int:
-        """Tokens of ``text`` in this model's vocabulary (no special tokens)."""
-        return self._engine_or_fail().count_tokens(text)
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in this model's vocabulary (no special tokens)."""
+        return self._engine_or_fail().token_ids(text)
 
     # ------------------------------------------------------------ settings
     def _settings(

@@ -262,9 +262,9 @@ class LlamaCpp(LocalLLM):
             **super()._identity(),
         }
 
-    def get_num_tokens(self, text: str) -> int:
-        """Tokens of ``text`` in this model's vocabulary."""
-        return self._engine_or_fail().count_tokens(text)
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in this model's vocabulary."""
+        return self._engine_or_fail().token_ids(text)
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
         yield from self._engine_or_fail().pieces(prompt, call.params, tally)

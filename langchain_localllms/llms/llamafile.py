@@ -271,10 +271,10 @@ class Llamafile(ServerLLM):
             adds_bos=True,  # the server tokenizes with the model's own start token
         )
 
-    def get_num_tokens(self, text: str) -> int:
-        """Tokens of ``text`` in the served model's vocabulary (``POST /tokenize``)."""
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in the served model's vocabulary (``POST /tokenize``)."""
         reply = self._endpoint().request_json("/tokenize", {"content": text})
-        return len(reply["tokens"])
+        return [int(t) for t in reply["tokens"]]
 
 
 def _finish(message: dict[str, Any], tally: Tally) -> None:

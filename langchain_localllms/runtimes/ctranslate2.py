@@ -95,9 +95,9 @@ class CTranslate2Engine:
             raise RuntimeError(msg)
         return generator
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` in this model's vocabulary (no special tokens)."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in this model's vocabulary (no special tokens)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     @staticmethod
     def _check_device(

@@ -77,9 +77,9 @@ class LlamaCppEngine:
         """The ``llama_cpp.Llama``."""
         return self.shared.model
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` in this model's vocabulary."""
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in this model's vocabulary."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def special_tokens(self) -> dict[str, Any]:
         """The start and end tokens' text, and whether a prompt starts with one."""

@@ -179,3 +179,13 @@ def test_with_grammar_binds_and_parses():
     assert seen["grammar"].model is Person
     with pytest.raises(pydantic.ValidationError):
         Capture(pieces=['{"name": "Ada"}']).with_grammar(Person).invoke("x")
+
+
+def test_token_counts_never_fall_back_to_a_downloaded_vocabulary():
+    # LangChain's default fetches GPT-2's tokenizer from the Hub (a network call, the
+    # wrong vocabulary); a class that cannot tokenize says so instead.
+    llm = ScriptedLLM()
+    with pytest.raises(NotImplementedError, match="never downloads"):
+        llm.get_num_tokens("hello")
+    with pytest.raises(NotImplementedError, match="never downloads"):
+        llm.get_token_ids("hello")

@@ -137,10 +137,10 @@ class HFEngine:
         self.shared = SharedModel(model, None, runtime="huggingface")
         self._grammars: dict[str, Any] = {}
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` in this model's vocabulary (no special tokens)."""
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in this model's vocabulary (no special tokens)."""
         with self.tok_lock:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def compiled(self, g: Grammar) -> Any:
         """The xgrammar-compiled form of ``g`` for this tokenizer (cached)."""
