@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import inspect
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,8 @@ def gguf_token_ids(path: Path, text: str) -> list[int]:
     if vocab is None:
         llama_cpp = require("llama_cpp", feature="counting tokens of a GGUF model")
         vocab = _VOCABS[key] = llama_cpp.Llama(model_path=key, vocab_only=True, verbose=False)
+        # Closed at exit while Python can still run llama-cpp-python's destructor.
+        weakref.finalize(vocab, vocab.close)
     return list(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
 
