@@ -577,7 +577,8 @@ class LocalLLM(BaseLLM):
     ) -> list[Outcome]:
         """Each prompt's generation or error; a native batch where the runtime has one."""
         call = self._resolve(stop, kwargs) if len(prompts) > 1 else None
-        rows = self._batch_rows(prompts, call) if call and self._batches_natively() else None
+        split = _ISOLATE.get()
+        rows = self._batch_rows(prompts, call, split) if call and self._batches_natively() else None
         if call is not None and rows is not None:
             done: list[Outcome] = []
             for row, m in zip(rows, managers, strict=True):
@@ -615,7 +616,8 @@ class LocalLLM(BaseLLM):
         call = self._resolve(stop, kwargs) if len(prompts) > 1 else None
         rows = None
         if call is not None and self._batches_natively():
-            rows = await run_in_thread(lambda: self._batch_rows(prompts, call))
+            split = _ISOLATE.get()  # read here: the worker thread has its own context
+            rows = await run_in_thread(lambda: self._batch_rows(prompts, call, split))
         if call is not None and rows is not None:
             results: list[Outcome] = []
             for row, m in zip(rows, managers, strict=True):
@@ -645,21 +647,23 @@ class LocalLLM(BaseLLM):
             await asyncio.gather(*(one(p, m) for p, m in zip(prompts, managers, strict=True)))
         )
 
-    def _batch_rows(self, prompts: list[str], call: Call) -> list[Row | Exception] | None:
+    def _batch_rows(
+        self, prompts: list[str], call: Call, split: bool
+    ) -> list[Row | Exception] | None:
         """The native batch's rows, or per prompt the error that failed it.
 
         None: the runtime streams these prompts one at a time instead. When the batch
-        fails, its halves are tried apart: a prompt that fails on its own fails alone,
-        and the others still batch.
+        fails and ``split`` (failures are per prompt), its halves are tried apart: a
+        prompt that fails on its own fails alone, and the others still batch.
         """
         try:
             rows = self._generate_batch(prompts, call)
         except Exception as e:
-            if len(prompts) == 1 or current_cancel():
+            if not split or len(prompts) == 1 or current_cancel():
                 return [e] * len(prompts)
             mid = len(prompts) // 2
-            left = self._batch_rows(prompts[:mid], call)
-            right = self._batch_rows(prompts[mid:], call)
+            left = self._batch_rows(prompts[:mid], call, split)
+            right = self._batch_rows(prompts[mid:], call, split)
             return [*(left or [e] * mid), *(right or [e] * (len(prompts) - mid))]
         return None if rows is None else list(rows)
 

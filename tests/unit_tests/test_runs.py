@@ -110,12 +110,24 @@ def test_native_batching_still_batches_the_good_prompts():
 
 
 def test_without_return_exceptions_the_bad_prompts_error_is_raised_and_runs_end_truthfully():
-    llm = BatchingLLM(answers=ANSWERS, refuse="TOO LONG")
+    # One at a time: the good prompt before it was answered, the bad one failed.
     runs = Runs()
     with pytest.raises(ValueError, match="does not fit"):
-        llm.batch(["a", "b TOO LONG"], config={"callbacks": [runs]})
+        ScriptedLLM(answers=ANSWERS, refuse="TOO LONG").batch(
+            ["a", "b TOO LONG"], config={"callbacks": [runs]}
+        )
     assert [runs.prompt[r] for r in runs.failed] == ["b TOO LONG"]
     assert list(runs.ended.values()) == ["A1A2"]
+    # One native call: it failed for both, and is not retried in parts (nobody asked
+    # for the others' answers).
+    BatchingLLM.batches.clear()
+    runs = Runs()
+    with pytest.raises(ValueError, match="does not fit"):
+        BatchingLLM(answers=ANSWERS, refuse="TOO LONG").batch(
+            ["a", "b TOO LONG"], config={"callbacks": [runs]}
+        )
+    assert sorted(runs.prompt[r] for r in runs.failed) == ["a", "b TOO LONG"]
+    assert BatchingLLM.batches == []
 
 
 def test_isolation_with_a_cache_answers_cached_prompts_too():
