@@ -710,10 +710,12 @@ class LocalLLM(BaseLLM):
                 result = self.generate_prompt(prompts, **_per_prompt(confs), **kwargs)
                 out += [g[0].text for g in result.generations]
             except _PartialFailure as e:
-                out += e.place(
-                    [p.to_string() for p in prompts],
-                    lambda i: self.batch([part[i]], confs[i], return_exceptions=True, **kwargs)[0],  # noqa: B023
-                )
+                texts = [p.to_string() for p in prompts]
+                cached = {
+                    i: self.batch([part[i]], confs[i], return_exceptions=True, **kwargs)[0]
+                    for i in e.unmatched(texts)
+                }
+                out += e.place(texts, cached.__getitem__)
             except Exception as e:
                 out += [e] * len(part)
             finally:
@@ -741,12 +743,12 @@ class LocalLLM(BaseLLM):
                 result = await self.agenerate_prompt(prompts, **_per_prompt(confs), **kwargs)
                 out += [g[0].text for g in result.generations]
             except _PartialFailure as e:
-                cached = {}
-                for i in e.unmatched([p.to_string() for p in prompts]):
-                    cached[i] = (
-                        await self.abatch([part[i]], confs[i], return_exceptions=True, **kwargs)
-                    )[0]
-                out += e.place([p.to_string() for p in prompts], cached.__getitem__)
+                texts = [p.to_string() for p in prompts]
+                cached = {
+                    i: (await self.abatch([part[i]], confs[i], return_exceptions=True, **kwargs))[0]
+                    for i in e.unmatched(texts)
+                }
+                out += e.place(texts, cached.__getitem__)
             except Exception as e:
                 out += [e] * len(part)
             finally:
