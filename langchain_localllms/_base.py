@@ -659,7 +659,8 @@ class LocalLLM(BaseLLM):
         try:
             rows = self._generate_batch(prompts, call)
         except Exception as e:
-            if not split or len(prompts) == 1 or current_cancel():
+            cancel = current_cancel()
+            if not split or len(prompts) == 1 or (cancel is not None and cancel.is_set):
                 return [e] * len(prompts)
             mid = len(prompts) // 2
             left = self._batch_rows(prompts[:mid], call, split)

@@ -70,7 +70,9 @@ class Cancel:
         self._lock = threading.Lock()
         self._wakeups: list[Callable[[], None]] = []
 
-    def __bool__(self) -> bool:
+    @property
+    def is_set(self) -> bool:
+        """Whether the caller gave up."""
         return self._set
 
     def set(self) -> None:
@@ -222,25 +224,24 @@ class NativeThread:
         cond = self.cond
         items: collections.deque[Any] = collections.deque()
         gone = False
-        found = _CANCEL.get()
-        cancel = Cancel() if found is None else found  # (a Cancel is falsy until set)
+        cancel = _CANCEL.get() or Cancel()
 
         class _Emitter:
             def __call__(self, item: Any) -> bool:
                 with cond:
                     items.append(item)
                     cond.notify_all()
-                    while not gone and not cancel and len(items) >= LOOKAHEAD and not jobs:
+                    while not gone and not cancel.is_set and len(items) >= LOOKAHEAD and not jobs:
                         cond.wait()
-                    return not gone and not cancel
+                    return not gone and not cancel.is_set
 
             def wanted(self) -> bool:
-                return not gone and not cancel
+                return not gone and not cancel.is_set
 
         jobs = self._jobs
 
         def run() -> None:
-            if not gone and not cancel:
+            if not gone and not cancel.is_set:
                 work(_Emitter())
 
         def wake() -> None:
@@ -252,9 +253,9 @@ class NativeThread:
         try:
             while True:
                 with cond:
-                    while not items and not job.done and not cancel:
+                    while not items and not job.done and not cancel.is_set:
                         cond.wait()
-                    if cancel:
+                    if cancel.is_set:
                         return
                     if items:
                         item = items.popleft()
@@ -339,7 +340,7 @@ async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]
             iterator = make()
             try:
                 for item in iterator:
-                    if cancelled:
+                    if cancelled.is_set:
                         break
                     put(True, item)
             finally:

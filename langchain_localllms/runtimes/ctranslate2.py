@@ -348,7 +348,7 @@ class CTranslate2Engine:
         cancel = current_cancel()
 
         def on_step(step: Any) -> bool:
-            if cancel:  # the caller gave up: every row ends at this step
+            if cancel is not None and cancel.is_set:  # the caller gave up: rows end here
                 return True
             with lock:
                 first_step.setdefault(step.batch_id, time.perf_counter())

@@ -232,7 +232,7 @@ class HFEngine:
         answers = []
         cancel = current_cancel()
         for i in range(0, len(prompts), rows):
-            if cancel:
+            if cancel is not None and cancel.is_set:
                 break  # the caller gave up: nobody reads the rest
             chunk = prompts[i : i + rows]
             job = _Job(self, chunk, settings, stops)
