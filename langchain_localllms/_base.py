@@ -50,9 +50,19 @@ from langchain_localllms.prompts import ModelInfo
 _CALL_OPTIONS: ContextVar[dict[str, Any] | None] = ContextVar(
     "langchain_localllms_call_options", default=None
 )
-#: True inside ``batch``/``abatch`` with ``return_exceptions=True``: one prompt's failure
-#: is its own, and the others still get their answers.
-_ISOLATE: ContextVar[bool] = ContextVar("langchain_localllms_isolate", default=False)
+#: The prompts of the ``batch``/``abatch`` with ``return_exceptions=True`` in progress:
+#: one prompt's failure is its own, and the others still get their answers. (A call
+#: made meanwhile for other prompts, from a callback say, fails as usual.)
+_ISOLATE: ContextVar[frozenset[str]] = ContextVar(
+    "langchain_localllms_isolate", default=frozenset()
+)
+
+
+def _isolating(prompts: list[str]) -> bool:
+    """Whether failures of this call are per prompt (it is an isolating batch's)."""
+    batch = _ISOLATE.get()
+    return bool(batch) and all(p in batch for p in prompts)
+
 
 Outcome = Generation | Exception
 """One prompt's result: its generation, or the error that ended it."""
@@ -565,7 +575,7 @@ class LocalLLM(BaseLLM):
         """The call's result, or its first failure (every failure inside an isolating batch)."""
         failures = [o for o in outcomes if isinstance(o, Exception)]
         if failures:
-            if _ISOLATE.get():
+            if _isolating(prompts):
                 raise _PartialFailure(prompts, outcomes)
             raise failures[0]
         gens = [[o] for o in outcomes if isinstance(o, Generation)]
@@ -577,7 +587,7 @@ class LocalLLM(BaseLLM):
     ) -> list[Outcome]:
         """Each prompt's generation or error; a native batch where the runtime has one."""
         call = self._resolve(stop, kwargs) if len(prompts) > 1 else None
-        split = _ISOLATE.get()
+        split = _isolating(prompts)
         rows = self._batch_rows(prompts, call, split) if call and self._batches_natively() else None
         if call is not None and rows is not None:
             done: list[Outcome] = []
@@ -604,7 +614,7 @@ class LocalLLM(BaseLLM):
         for prompt, manager in zip(prompts, managers, strict=True):
             outcome = one(prompt, manager)
             outcomes.append(outcome)
-            if isinstance(outcome, Exception) and not _ISOLATE.get():
+            if isinstance(outcome, Exception) and not _isolating(prompts):
                 # The call fails with this error: the rest need not run.
                 outcomes += [outcome] * (len(prompts) - len(outcomes))
                 break
@@ -616,7 +626,7 @@ class LocalLLM(BaseLLM):
         call = self._resolve(stop, kwargs) if len(prompts) > 1 else None
         rows = None
         if call is not None and self._batches_natively():
-            split = _ISOLATE.get()  # read here: the worker thread has its own context
+            split = _isolating(prompts)  # read here: the worker thread has its own context
             rows = await run_in_thread(lambda: self._batch_rows(prompts, call, split))
         if call is not None and rows is not None:
             results: list[Outcome] = []
@@ -706,7 +716,7 @@ class LocalLLM(BaseLLM):
         out: list[Any] = []
         for part, confs in _parts(inputs, configs):
             prompts = [self._convert_input(x) for x in part]
-            token = _ISOLATE.set(True)
+            token = _ISOLATE.set(frozenset(p.to_string() for p in prompts))
             try:
                 result = self.generate_prompt(prompts, **_per_prompt(confs), **kwargs)
                 out += [g[0].text for g in result.generations]
@@ -739,7 +749,7 @@ class LocalLLM(BaseLLM):
         out: list[Any] = []
         for part, confs in _parts(inputs, configs):
             prompts = [self._convert_input(x) for x in part]
-            token = _ISOLATE.set(True)
+            token = _ISOLATE.set(frozenset(p.to_string() for p in prompts))
             try:
                 result = await self.agenerate_prompt(prompts, **_per_prompt(confs), **kwargs)
                 out += [g[0].text for g in result.generations]

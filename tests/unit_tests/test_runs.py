@@ -143,3 +143,20 @@ def test_a_bad_option_fails_every_prompt_alike():
     llm = ScriptedLLM(answers=ANSWERS)
     out = llm.batch(["a", "b"], return_exceptions=True, no_such_option=1)
     assert all(isinstance(o, TypeError) for o in out)
+
+
+def test_a_call_from_a_callback_during_an_isolating_batch_fails_as_usual():
+    llm = ScriptedLLM(answers=ANSWERS, refuse="TOO LONG")
+    seen: list[BaseException] = []
+
+    class Nested(BaseCallbackHandler):
+        def on_llm_end(self, response: Any, **kw: Any) -> None:
+            if not seen:
+                try:
+                    llm.invoke("x TOO LONG")
+                except Exception as e:
+                    seen.append(e)
+
+    out = llm.batch(["a", "b TOO LONG"], config={"callbacks": [Nested()]}, return_exceptions=True)
+    assert out[0] == "A1A2" and isinstance(out[1], ValueError)
+    assert len(seen) == 1 and isinstance(seen[0], ValueError)  # its own error, not the batch's
