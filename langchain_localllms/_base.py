@@ -590,12 +590,10 @@ class LocalLLM(BaseLLM):
         split = _isolating(prompts)
         rows = self._batch_rows(prompts, call, split) if call and self._batches_natively() else None
         if call is not None and rows is not None:
-            done: list[Outcome] = []
-            for row, m in zip(rows, managers, strict=True):
-                done.append(row.finish(call.stops) if isinstance(row, Row) else row)
-                if isinstance(row, Row) and m is not None and self._tokens_in_generate():
-                    for chunk in row.chunks:  # its tokens to its own run, in order
-                        m.on_llm_new_token(chunk.text, chunk=chunk)
+            done = self._finish_rows(rows, call)
+            for m, chunks in zip(managers, self._row_tokens(rows, managers), strict=True):
+                for chunk in chunks:  # its tokens to its own run, in order
+                    m.on_llm_new_token(chunk.text, chunk=chunk)
             return done
 
         tokens = self._tokens_in_generate()
@@ -629,13 +627,11 @@ class LocalLLM(BaseLLM):
             split = _isolating(prompts)  # read here: the worker thread has its own context
             rows = await run_in_thread(lambda: self._batch_rows(prompts, call, split))
         if call is not None and rows is not None:
-            results: list[Outcome] = []
-            for row, m in zip(rows, managers, strict=True):
-                results.append(row.finish(call.stops) if isinstance(row, Row) else row)
-                if isinstance(row, Row) and m is not None and self._tokens_in_generate():
-                    for chunk in row.chunks:
-                        await m.on_llm_new_token(chunk.text, chunk=chunk)
-            return results
+            done = self._finish_rows(rows, call)
+            for m, chunks in zip(managers, self._row_tokens(rows, managers), strict=True):
+                for chunk in chunks:
+                    await m.on_llm_new_token(chunk.text, chunk=chunk)
+            return done
         limit = asyncio.Semaphore(await self._aconcurrency() if len(prompts) > 1 else 1)
 
         tokens = self._tokens_in_generate()
@@ -656,6 +652,21 @@ class LocalLLM(BaseLLM):
         return list(
             await asyncio.gather(*(one(p, m) for p, m in zip(prompts, managers, strict=True)))
         )
+
+    @staticmethod
+    def _finish_rows(rows: list[Row | Exception], call: Call) -> list[Outcome]:
+        """Native batch rows cut at their stops, with usage, as streams would be."""
+        return [row.finish(call.stops) if isinstance(row, Row) else row for row in rows]
+
+    def _row_tokens(
+        self, rows: list[Row | Exception], managers: list[Any]
+    ) -> list[list[GenerationChunk]]:
+        """Per run, the chunks its callbacks get (after :meth:`_finish_rows`)."""
+        send = self._tokens_in_generate()
+        return [
+            row.chunks if send and m is not None and isinstance(row, Row) else []
+            for row, m in zip(rows, managers, strict=True)
+        ]
 
     def _batch_rows(
         self, prompts: list[str], call: Call, split: bool
@@ -712,16 +723,16 @@ class LocalLLM(BaseLLM):
     ) -> list[str]:
         if not return_exceptions or not inputs:
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        configs = get_config_list(config, len(inputs))
         out: list[Any] = []
-        for part, confs in _parts(inputs, configs):
+        for part, confs in _parts(inputs, get_config_list(config, len(inputs))):
             prompts = [self._convert_input(x) for x in part]
-            token = _ISOLATE.set(frozenset(p.to_string() for p in prompts))
+            texts = [p.to_string() for p in prompts]
+            token = _ISOLATE.set(frozenset(texts))
             try:
                 result = self.generate_prompt(prompts, **_per_prompt(confs), **kwargs)
                 out += [g[0].text for g in result.generations]
             except _PartialFailure as e:
-                texts = [p.to_string() for p in prompts]
+                # Prompts the cache answered: asked again, one by one (the cache answers).
                 cached = {
                     i: self.batch([part[i]], confs[i], return_exceptions=True, **kwargs)[0]
                     for i in e.unmatched(texts)
@@ -745,16 +756,15 @@ class LocalLLM(BaseLLM):
             return await super().abatch(
                 inputs, config, return_exceptions=return_exceptions, **kwargs
             )
-        configs = get_config_list(config, len(inputs))
         out: list[Any] = []
-        for part, confs in _parts(inputs, configs):
+        for part, confs in _parts(inputs, get_config_list(config, len(inputs))):
             prompts = [self._convert_input(x) for x in part]
-            token = _ISOLATE.set(frozenset(p.to_string() for p in prompts))
+            texts = [p.to_string() for p in prompts]
+            token = _ISOLATE.set(frozenset(texts))
             try:
                 result = await self.agenerate_prompt(prompts, **_per_prompt(confs), **kwargs)
                 out += [g[0].text for g in result.generations]
             except _PartialFailure as e:
-                texts = [p.to_string() for p in prompts]
                 cached = {
                     i: (await self.abatch([part[i]], confs[i], return_exceptions=True, **kwargs))[0]
                     for i in e.unmatched(texts)

@@ -160,11 +160,6 @@ class NativeThread:
         with self.cond:
             return bool(self._running or self._jobs)
 
-    @property
-    def waiting(self) -> int:
-        """Jobs queued behind the running one (read under :attr:`cond`)."""
-        return len(self._jobs)
-
     def _submit(self, fn: Callable[[], Any]) -> _Job:
         job = _Job(fn)
         with self.cond:
@@ -226,19 +221,19 @@ class NativeThread:
         gone = False
         cancel = _CANCEL.get() or Cancel()
 
+        queued = self._jobs  # calls waiting for this thread
+
         class _Emitter:
             def __call__(self, item: Any) -> bool:
                 with cond:
                     items.append(item)
                     cond.notify_all()
-                    while not gone and not cancel.is_set and len(items) >= LOOKAHEAD and not jobs:
+                    while not gone and not cancel.is_set and len(items) >= LOOKAHEAD and not queued:
                         cond.wait()
                     return not gone and not cancel.is_set
 
             def wanted(self) -> bool:
                 return not gone and not cancel.is_set
-
-        jobs = self._jobs
 
         def run() -> None:
             if not gone and not cancel.is_set:
