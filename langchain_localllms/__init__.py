@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from langchain_localllms.errors import (
         BadRequestError,
+        ClosedError,
+        ContextOverflowError,
         GrammarSyntaxError,
         IncompleteResponseError,
         NotFoundError,
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BadRequestError",
     "CTranslate2",
+    "ClosedError",
+    "ContextOverflowError",
     "GPT4All",
     "Grammar",
     "GrammarSyntaxError",
@@ -43,6 +47,8 @@ __all__ = [
 
 _EXPORTS = {
     "BadRequestError": "langchain_localllms.errors",
+    "ClosedError": "langchain_localllms.errors",
+    "ContextOverflowError": "langchain_localllms.errors",
     "IncompleteResponseError": "langchain_localllms.errors",
     "NotFoundError": "langchain_localllms.errors",
     "ServerError": "langchain_localllms.errors",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -38,11 +39,13 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult, RunIn
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict, Field, field_validator, model_validator
+from typing_extensions import Self
 
 from langchain_localllms._native import current_cancel, iterate_in_thread, run_in_thread
 from langchain_localllms._redact import redact
 from langchain_localllms._stop import StopStream, check_stops
 from langchain_localllms._usage import Tally, llm_output
+from langchain_localllms.errors import ClosedError
 from langchain_localllms.prompts import ModelInfo
 
 #: Per-call options of the ``generate``/``agenerate`` call in progress, so that the
@@ -193,6 +196,8 @@ class LocalLLM(BaseLLM):
     _max_tokens_field: ClassVar[str | None] = "max_tokens"
 
     _init_args: dict[str, Any] = pydantic.PrivateAttr(default_factory=dict)
+    #: Shared with copies (as the loaded model is): closing one closes them all.
+    _life: _Lifecycle = pydantic.PrivateAttr(default_factory=lambda: _Lifecycle())
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
@@ -227,6 +232,52 @@ class LocalLLM(BaseLLM):
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled as its settings; unpickling loads the model again.
         return (_rebuild, (type(self), self._init_args))
+
+    # --------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Free the model now (native memory, connections); once, idempotent.
+
+        A call running on another thread ends first, then the memory goes. The
+        copies of this instance share its model, so they are closed with it. Using
+        a closed instance raises :class:`~langchain_localllms.errors.ClosedError`.
+        ``with LlamaCpp(...) as llm:`` closes at the end of the block.
+        """
+        with self._life.lock:
+            if self._life.closed:
+                return
+            self._life.closed = True
+        self._release()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (on this instance or a copy)."""
+        return self._life.closed
+
+    def _release(self) -> None:
+        """Free what ``_setup`` loaded: the runtime engine's ``close()``, if any."""
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.close()
+
+    def _check_open(self) -> None:
+        if self._life.closed:
+            msg = (
+                f"this {type(self).__name__} was closed (close(), or the end of its with "
+                "block); create a new instance to use the model again"
+            )
+            raise ClosedError(msg)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await run_in_thread(self.close)  # may wait for a call on another thread
 
     @classmethod
     def _load_fields(cls) -> set[str]:
@@ -375,6 +426,7 @@ class LocalLLM(BaseLLM):
 
     def _resolve(self, stop: list[str] | None, kwargs: dict[str, Any]) -> Call:
         """Merge instance defaults with the options of one call."""
+        self._check_open()
         if stop is not None and self.stop is not None:
             msg = (
                 f"stop was given both to {type(self).__name__}(stop=...) and to this "
@@ -419,6 +471,7 @@ class LocalLLM(BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         _check_prompts(prompts)
+        self._check_open()  # also before a cache hit
         token = _CALL_OPTIONS.set(self._check_call_options(kwargs) or None)
         try:
             return super().generate(
@@ -447,6 +500,7 @@ class LocalLLM(BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         _check_prompts(prompts)
+        self._check_open()  # also before a cache hit
         token = _CALL_OPTIONS.set(self._check_call_options(kwargs) or None)
         try:
             return await super().agenerate(
@@ -795,6 +849,14 @@ class LocalLLM(BaseLLM):
 
     def _batches_natively(self) -> bool:
         return type(self)._generate_batch is not LocalLLM._generate_batch
+
+
+class _Lifecycle:
+    """Whether an instance (and its copies) was closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.lock = threading.Lock()
 
 
 @dataclass

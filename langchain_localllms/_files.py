@@ -6,11 +6,16 @@ Every conversion, export and build is made once into :func:`cache_root`, with
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def model_file(path: str | os.PathLike[str], *, kind: str, magic: bytes | None = None) -> Path:
@@ -68,14 +73,64 @@ def cpu_count() -> int:
 
 
 def progress(message: str, *, show: bool = True) -> None:
-    """Tell the user about slow one-time work (a model conversion): log it, print it."""
-    import logging
-    import sys
+    """Tell the user about slow one-time work: a log record, and a line on a terminal.
 
+    Nothing is printed when stderr is not a terminal (CI, logs): the log record stays.
+    """
     logging.getLogger("langchain_localllms").info(message)
-    if show:
+    if show and _on_terminal():
         sys.stderr.write(f"[langchain-localllms] {message}\n")
         sys.stderr.flush()
+
+
+def _on_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+@contextlib.contextmanager
+def working(description: str, *, show: bool = True) -> Iterator[None]:
+    """A progress bar that counts the seconds of work that reports no steps of its own.
+
+    For a conversion, an export or a build: the bar ticks while the block runs, on a
+    terminal only (tqdm's ``disable=None``); the start and the time taken are logged.
+    """
+    log = logging.getLogger("langchain_localllms")
+    log.info("%s ...", description)
+    began = time.perf_counter()
+    bar = progress_bar(description, unit="s", disable=None if show else True)
+    bar.bar_format = "{desc}: {elapsed}"
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.5):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, name="progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        bar.close()
+        log.info("%s: done in %.1fs", description, time.perf_counter() - began)
+
+
+def progress_bar(
+    description: str, *, total: float | None = None, unit: str = "it", **options: Any
+) -> Any:
+    """A tqdm bar for slow one-time work (a pull, a conversion, an export).
+
+    It shows on a terminal and stays quiet when stderr is not one (CI, logs): tqdm's
+    own ``disable=None`` convention. ``unit="B"`` counts bytes (scaled to kB, MB, ...).
+    """
+    from tqdm.auto import tqdm
+
+    if unit == "B":
+        options = {"unit_scale": True, "unit_divisor": 1024, **options}
+    options.setdefault("disable", None)
+    return tqdm(total=total, desc=description, unit=unit, **options)
 
 
 def cache_root(*parts: str) -> Path:

@@ -343,6 +343,17 @@ class Endpoint:
                 client = clients[self._key] = httpx.AsyncClient(**self._client_args())
             return client
 
+    def release(self) -> None:
+        """Take this configuration's clients out of the pool (``close()`` of an LLM).
+
+        Requests running on them (another instance's, say) end normally; their
+        connections close once nothing uses them, and the next request opens new ones.
+        """
+        with _POOL_LOCK:
+            _SYNC_CLIENTS.pop(self._key, None)
+            for clients in list(_ASYNC_CLIENTS.values()):
+                clients.pop(self._key, None)
+
     # ------------------------------------------------------------------ requests
     def stream(
         self,

@@ -14,6 +14,7 @@ _RUNTIMES: dict[str, tuple[str, str]] = {
     "optimum.intel": ("optimum-intel[openvino]", "openvino"),
     "gpt4all": ("gpt4all", "gpt4all"),
     "xgrammar": ("xgrammar", "huggingface"),
+    "huggingface_hub": ("huggingface_hub", "huggingface"),
 }
 
 

@@ -34,11 +34,15 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import ctypes
+import gc
 import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Generic, Protocol, TypeVar
+
+from langchain_localllms.errors import ClosedError
 
 M = TypeVar("M")
 T = TypeVar("T")
@@ -289,14 +293,92 @@ class SharedModel(Generic[M]):
 
     Args:
         model: The runtime's model object.
-        close: Frees the native memory (called once, when this object goes or at exit).
+        close: Frees the native memory, if dropping the model does not (called once:
+            at :meth:`close`, when this object goes, or at exit, while Python can still
+            run the runtime's destructor).
         runtime: Whose thread runs this model's work (:func:`native_thread`).
+        name: What the model is, for the error after :meth:`close` (``"LlamaCpp model
+            gemma.gguf"``).
+        parts: What else goes with the model (its tokenizer): :meth:`part`.
+
+    Every use of the native model runs inside :meth:`use`, so :meth:`close` never
+    frees it under a running call: it frees at once when nothing runs, else as soon
+    as the running calls end.
     """
 
-    def __init__(self, model: M, close: Callable[[], Any] | None, runtime: str) -> None:
-        self.model = model
+    def __init__(
+        self,
+        model: M,
+        close: Callable[[], Any] | None,
+        runtime: str,
+        *,
+        name: str = "model",
+        parts: dict[str, Any] | None = None,
+    ) -> None:
+        self._box: list[M] = [model]  # emptied when freed
+        self.name = name
         self.thread = native_thread(runtime)
-        self._release = weakref.finalize(self, close) if close is not None else None
+        self._parts: dict[str, Any] = dict(parts or {})
+        self._release = weakref.finalize(self, _free, self._box, self._parts, close)
+        self._lock = threading.Lock()
+        self._users = 0
+        self._closed = False
+
+    @property
+    def model(self) -> M:
+        """The runtime's model object; :class:`ClosedError` once closed."""
+        if self._closed or not self._box:
+            raise self._closed_error()
+        return self._box[0]
+
+    def part(self, name: str) -> Any:
+        """One of ``parts``; kept for the calls that run while the model closes."""
+        try:
+            return self._parts[name]
+        except KeyError:
+            raise self._closed_error() from None
+
+    def set_part(self, name: str, value: Any) -> None:
+        """Add to (or replace in) ``parts``."""
+        self._parts[name] = value
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def _closed_error(self) -> ClosedError:
+        return ClosedError(
+            f"this {self.name} was closed (close(), or the end of its with block), and its "
+            "memory freed; create a new instance to use the model again"
+        )
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[M]:
+        """The model, kept from being freed until the block ends."""
+        with self._lock:
+            if self._closed or not self._box:
+                raise self._closed_error()
+            self._users += 1
+            model = self._box[0]
+        try:
+            yield model
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._closed and self._users == 0
+            if last:
+                self._release()
+
+    def close(self) -> None:
+        """Free the model now, or when the calls running on it end; once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle = self._users == 0
+        if idle:
+            self._release()
 
     def stream(self, work: Callable[[Emit], None]) -> Generator[Any, None, None]:
         """Run ``work(emit)`` on the runtime's thread; yield what it emits."""
@@ -305,6 +387,25 @@ class SharedModel(Generic[M]):
     def run(self, work: Callable[[], T]) -> T:
         """Run ``work()`` on the runtime's thread (calls that don't stream)."""
         return self.thread.call(work)
+
+
+def _free(box: list[Any], parts: dict[str, Any], close: Callable[[], Any] | None) -> None:
+    """Drop the model and its parts, run the runtime's close (once: it is a finalizer)."""
+    box.clear()
+    parts.clear()
+    if close is not None:
+        close()
+    gc.collect()  # what referred to the model in cycles goes now, not later
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the system now (glibc keeps it otherwise)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 _END = object()

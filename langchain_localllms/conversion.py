@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from langchain_localllms._files import build_once, cache_root, progress
+from langchain_localllms._files import build_once, cache_root, progress, working
 from langchain_localllms._imports import require
 
 __all__ = ["QUANTIZATIONS", "conversion_key", "convert_to_ctranslate2", "export_openvino"]
@@ -45,9 +45,9 @@ def _hf_dir(path: str | os.PathLike[str]) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         msg = (
-            f"Hugging Face model directory not found: {p}. from_pretrained converts a "
-            "local directory; download the model first (e.g. `hf download <name> "
-            "--local-dir <dir>`)."
+            f"Hugging Face model directory not found: {p}. Give a local model "
+            "directory, or a Hub id (`org/name`) to take the model from the Hugging "
+            "Face cache (`hf download <name>` puts it there)."
         )
         raise FileNotFoundError(msg)
     if not p.is_dir():
@@ -84,6 +84,31 @@ def conversion_key(source: Path, quantization: str | None, version: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _source_name(src: Path) -> str:
+    """A readable name for a conversion: the directory's own, or ``org--name-<commit>``.
+
+    The latter for a snapshot of the Hugging Face Hub cache, whose own name is the commit.
+    """
+    real = src.resolve()
+    repo = real.parent.parent.name
+    if real.parent.name == "snapshots" and repo.startswith("models--"):
+        return f"{repo.removeprefix('models--')}-{real.name[:12]}"
+    return real.name
+
+
+def trained_context(config_json: Path) -> int | None:
+    """The context a Hugging Face model was trained for, from its ``config.json``."""
+    try:
+        config = json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("max_position_embeddings")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _is_converted(path: Path) -> bool:
     return (path / "model.bin").is_file() and (path / "config.json").is_file()
 
@@ -114,7 +139,7 @@ def convert_to_ctranslate2(
     ct2 = require("ctranslate2", feature="CTranslate2.from_pretrained")
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root("ct2")
     key = conversion_key(src, quantization, ct2.__version__)
-    target = root / f"{src.resolve().name}-{quantization or 'default'}-{key}"
+    target = root / f"{_source_name(src)}-{quantization or 'default'}-{key}"
     if _is_converted(target) and not force:
         progress(f"using the CTranslate2 conversion of {src} in {target}", show=show_progress)
         return target
@@ -130,8 +155,9 @@ def convert_to_ctranslate2(
         began = time.perf_counter()
         copy = [name for name in TOKENIZER_FILES if (src / name).is_file()]
         try:
-            converter = converters.TransformersConverter(str(src), copy_files=copy)
-            converter.convert(str(tmp), quantization=quantization, force=True)
+            with working(f"converting {_source_name(src)} to CTranslate2", show=show_progress):
+                converter = converters.TransformersConverter(str(src), copy_files=copy)
+                converter.convert(str(tmp), quantization=quantization, force=True)
         except ValueError as e:
             msg = f"CTranslate2 cannot convert {src}: {e}"
             raise ValueError(msg) from e
@@ -141,6 +167,8 @@ def convert_to_ctranslate2(
             "quantization": quantization,
             "ctranslate2": ct2.__version__,
             "seconds": round(seconds, 1),
+            # The context it was trained for: CTranslate2's own config does not keep it.
+            "context_length": trained_context(src / "config.json"),
         }
         (tmp / "langchain-localllms.json").write_text(json.dumps(about, indent=1))
         progress(f"converted in {seconds:.1f}s -> {target}", show=show_progress)
@@ -179,11 +207,12 @@ def export_openvino(cls: Any, source: Path, weight_format: str | None) -> Path:
             )
         else:  # no automatic int8 compression of large models: fp32/fp16 as asked
             options["load_in_8bit"] = False
-        model = cls.from_pretrained(str(source), **options)
-        if weight_format == "fp16":
-            model.half()
-        model.save_pretrained(str(tmp))
-        transformers = require("transformers")
-        transformers.AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(tmp))
+        with working(f"exporting {source.name} to OpenVINO ({weight_format or 'fp32'})"):
+            model = cls.from_pretrained(str(source), **options)
+            if weight_format == "fp16":
+                model.half()
+            model.save_pretrained(str(tmp))
+            transformers = require("transformers")
+            transformers.AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(tmp))
 
     return build_once(target, build, ready=_is_exported)

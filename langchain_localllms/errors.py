@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __all__ = [
     "BadRequestError",
+    "ClosedError",
+    "ContextOverflowError",
     "GrammarSyntaxError",
     "IncompleteResponseError",
     "NotFoundError",
@@ -44,3 +46,25 @@ class IncompleteResponseError(ConnectionError):
 
 class GrammarSyntaxError(ValueError):
     """A GBNF grammar that does not parse; the message names line and column."""
+
+
+class ClosedError(RuntimeError):
+    """The instance was closed (``close()``, or the end of its ``with`` block).
+
+    Its model is freed; make a new instance to use it again.
+    """
+
+
+class ContextOverflowError(ValueError):
+    """The prompt (with the tokens asked for) does not fit in the model's context.
+
+    ``prompt_tokens`` is the prompt's length in tokens and ``context`` the context
+    size, where they are known.
+    """
+
+    def __init__(
+        self, message: str, *, prompt_tokens: int | None = None, context: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.context = context

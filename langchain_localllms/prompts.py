@@ -64,6 +64,8 @@ class ModelInfo:
     """Text of the end token."""
     adds_bos: bool = False
     """Whether the runtime adds the start token itself when it tokenizes a prompt."""
+    context_length: int | None = None
+    """The context size in tokens the model runs with (or will), where known."""
 
 
 class ChatTemplateError(ValueError):

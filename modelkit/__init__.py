@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from langchain_localllms._files import build_once, cache_root
+from langchain_localllms._files import build_once, cache_root, working
 
 CACHE = cache_root()
 MODELS = CACHE / "models"
@@ -76,8 +76,9 @@ def prepare(name: str) -> Path:
     t0 = time.perf_counter()
 
     def build(tmp: Path) -> None:
-        art.build(tmp)
-        _write_manifest(tmp)
+        with working(f"building {name}"):  # a ticking bar on a terminal, quiet in CI
+            art.build(tmp)
+            _write_manifest(tmp)
 
     build_once(MODELS / name, build, ready=lambda d: (d / MANIFEST).is_file(), force=True)
     log(f"built {name} in {time.perf_counter() - t0:.1f}s -> {MODELS / name}")

@@ -51,6 +51,23 @@ ROWS: list[tuple[str, str, str]] = [
         r"test_reliability\.py::test_rss_stays_bounded",
     ),
     (
+        "`close()` on every class: the memory of a real model goes back to the system (RSS "
+        "before and after, llama.cpp, CTranslate2 and transformers), `with`/`async with`, "
+        "copies closed with it, a stream running during close() finishes, a closed instance "
+        "(even on a cache hit) raises `ClosedError`; CTranslate2 `unload()`",
+        "`test_lifecycle.py`, `tests/integration_tests/contract.py`, `test_native.py`",
+        r"(test_lifecycle\.py::|Contract::test_(close|async_with)|test_native\.py::test_close)",
+    ),
+    (
+        "A prompt longer than the context is a typed error on every class, never a silent "
+        "cut (Ollama: the server's own truncation detected), and `n_ctx`/`num_ctx=\"auto\"` "
+        "takes the trained context",
+        "`tests/integration_tests/contract.py`, `test_llamacpp.py`, `test_ctranslate2.py`, "
+        "`test_ollama.py`",
+        r"(Contract::test_a_prompt_longer_than_the_context|test_n_ctx_auto|trained_context"
+        r"|truncat)",
+    ),
+    (
         "Streams closed early or abandoned (sync and async) stop decoding and free the model",
         "`test_reliability.py`, `test_ctranslate2.py`, `test_huggingface_pipeline.py`, "
         "`tests/unit_tests/test_base.py`, `test_native.py`",

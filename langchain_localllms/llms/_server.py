@@ -80,6 +80,10 @@ class ServerLLM(LocalLLM):
     def _identity(self) -> dict[str, Any]:
         return {"base_url": self.base_url, **super()._identity()}  # redacted by the base
 
+    def _release(self) -> None:
+        # The server keeps its model: Ollama.unload() frees that.
+        self._endpoint().release()
+
     # ------------------------------------------------------------ subclass hooks
     def _body(self, prompt: str, call: Call) -> dict[str, Any]:
         raise NotImplementedError

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PrivateAttr, field_validator
 
 from langchain_localllms._base import Call, LocalLLM, Refused, Row, identity_value
+from langchain_localllms._hub import hub_snapshot, is_repo_id
 from langchain_localllms._usage import Tally
 from langchain_localllms.conversion import QUANTIZATIONS, convert_to_ctranslate2
 from langchain_localllms.prompts import ModelInfo
@@ -155,10 +156,11 @@ class CTranslate2(LocalLLM):
 
     max_length: int = Field(default=512, ge=1)
     """Most tokens to generate (the prompt is not counted)."""
-    max_input_length: int = Field(default=0, ge=0)
-    """Longest prompt in tokens (0: no limit; CTranslate2's generator has none). Set it
-    to the context the model was trained for: a longer prompt is then an error instead
-    of an answer from positions the model never saw."""
+    max_input_length: int | None = Field(default=None, ge=0)
+    """Longest prompt in tokens; a longer one is a ``ContextOverflowError``, never cut.
+    None: the context the model was trained for, where the directory records it
+    (``from_pretrained`` conversions do), else no limit (CTranslate2's generator has
+    none: set it for models converted elsewhere). 0: no limit."""
     min_length: int = Field(default=0, ge=0)
     """Fewest tokens to generate before the end token is allowed."""
     sampling_topk: int = Field(default=1, ge=0)
@@ -281,6 +283,21 @@ class CTranslate2(LocalLLM):
         """The underlying ``ctranslate2.Generator``."""
         return self._engine.client if self._engine is not None else None
 
+    def _release(self) -> None:
+        super()._release()
+        if self._init_args.get("tokenizer") is None:
+            self.tokenizer = None  # the one loaded here (a large vocabulary's is big)
+
+    def unload(self) -> None:
+        """Free the model's weights but keep this instance: the next call loads them again.
+
+        CTranslate2's own ``unload_model``; calls running now end first. ``close()``
+        frees everything for good.
+        """
+        self._check_open()
+        assert self._engine is not None  # set by _setup
+        self._engine.unload()
+
     def _ls_model_name(self) -> str:
         return Path(self.model_path).name
 
@@ -311,6 +328,7 @@ class CTranslate2(LocalLLM):
             bos_token=tok.bos_token or "",
             eos_token=tok.eos_token or "",
             adds_bos=bool(starts) and starts[0] == tok.bos_token_id,
+            context_length=self.max_input_length or self._engine_or_fail().trained_context,
         )
 
     def get_token_ids(self, text: str) -> list[int]:
@@ -327,30 +345,64 @@ class CTranslate2(LocalLLM):
         cache_dir: str | os.PathLike[str] | None = None,
         force: bool = False,
         progress: bool = True,
+        revision: str | None = None,
+        hub_cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool | None = None,
         **kwargs: Any,
     ) -> CTranslate2:
-        """Convert a Hugging Face model directory once (cached) and load it.
+        """Convert a Hugging Face model (a directory or a Hub id) once, cached, and load it.
+
+        A Hub id (``org/name``) is resolved in the Hugging Face Hub cache first, without
+        the network (huggingface_hub's ``snapshot_download``); only a model that is not
+        cached is downloaded, and never with ``local_files_only=True`` or
+        ``HF_HUB_OFFLINE=1``. The cached snapshot is then converted like a directory.
 
         Args:
             model_dir: A local Hugging Face model directory (``config.json`` + weights
-                + tokenizer files).
+                + tokenizer files), or a Hub id.
             quantization: Weight type of the converted model (``int8``, ``int8_float16``,
                 ``float16``, ``bfloat16``, ...); ``None`` keeps the weights' type.
             cache_dir: Where converted models are kept; default
                 ``$LOCALLLMS_CACHE/ct2`` (``~/.cache/langchain-localllms/ct2``).
             force: Convert again even if a cached conversion exists.
-            progress: Report the conversion on stderr (it is logged either way).
+            progress: Show a progress bar while converting, on a terminal (the
+                conversion is logged either way).
+            revision: For a Hub id: a branch, tag or commit hash (default ``main``).
+            hub_cache_dir: For a Hub id: the Hugging Face Hub cache (default:
+                huggingface_hub's, ``HF_HUB_CACHE`` or ``$HF_HOME/hub``).
+            local_files_only: For a Hub id: never use the network (None: as
+                ``HF_HUB_OFFLINE`` says).
             **kwargs: Any other argument of :class:`CTranslate2` (``device``,
                 ``max_length``, ...).
 
         Returns:
             A :class:`CTranslate2` on the converted model.
+
+        Raises:
+            FileNotFoundError: The directory does not exist, or the Hub id is not cached
+                and may not (or could not) be downloaded; the message says what to run.
         """
         if "model_path" in kwargs:
             msg = "from_pretrained sets model_path itself (the converted copy); do not pass it"
             raise TypeError(msg)
+        source: str | os.PathLike[str] = model_dir
+        if isinstance(model_dir, str) and is_repo_id(model_dir):
+            source = hub_snapshot(
+                model_dir,
+                revision=revision,
+                cache_dir=hub_cache_dir,
+                local_files_only=local_files_only,
+                feature="CTranslate2.from_pretrained",
+                extra="ctranslate2",
+            )
+        elif revision is not None or hub_cache_dir is not None:
+            msg = (
+                f"revision and hub_cache_dir apply to a Hub id; {str(model_dir)!r} is a "
+                "local path (give the directory of the revision you want)"
+            )
+            raise ValueError(msg)
         path = convert_to_ctranslate2(
-            model_dir, quantization, cache_dir=cache_dir, force=force, show_progress=progress
+            source, quantization, cache_dir=cache_dir, force=force, show_progress=progress
         )
         return cls(model_path=str(path), **kwargs)
 

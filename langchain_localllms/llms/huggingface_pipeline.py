@@ -199,7 +199,14 @@ class HuggingFacePipeline(LocalLLM):
 
         Args:
             model_id: A directory written by ``save_pretrained`` (loads offline), or
-                a Hub id (from the local cache, else downloaded if the Hub answers).
+                a Hub id: resolved in the Hugging Face Hub cache first, without the
+                network (huggingface_hub's ``snapshot_download``), and downloaded only
+                if not cached -- never with ``local_files_only=True`` in
+                ``model_kwargs`` or ``HF_HUB_OFFLINE=1``, where a miss is a
+                ``FileNotFoundError`` saying what to run. ``revision``, ``cache_dir``
+                and ``token`` in ``model_kwargs`` apply to this; ``model_id`` stays
+                the Hub id, and the snapshot directory (its commit in the path) is
+                what loads and what the cache key holds.
             task: ``"text-generation"``, ``"text2text-generation"``,
                 ``"summarization"`` or ``"translation"``.
             backend: ``"default"`` (torch) or ``"openvino"`` (optimum-intel).
@@ -290,7 +297,10 @@ class HuggingFacePipeline(LocalLLM):
             self.model_id,
             revision=model_kwargs.get("revision"),
             cache_dir=model_kwargs.get("cache_dir"),
-            local_files_only=bool(model_kwargs.get("local_files_only")),
+            local_files_only=model_kwargs.get("local_files_only"),
+            token=model_kwargs.get("token"),
+            force_download=bool(model_kwargs.get("force_download")),
+            extra="openvino" if self.backend == "openvino" else "huggingface",
         )
         self._source = source
         request = LoadRequest(
@@ -372,6 +382,13 @@ class HuggingFacePipeline(LocalLLM):
         self._defaults = pipeline_defaults(pipe)
         self._layers.append(pipeline_layer(pipe))
 
+    def _release(self) -> None:
+        super()._release()
+        if self._init_args.get("pipeline") is None and self.pipeline is not None:
+            # The pipeline this class built (copies hold it too) lets go of the model.
+            # A pipeline given with pipeline= is the caller's: its model goes with it.
+            self.pipeline.model = self.pipeline.tokenizer = None
+
     def _engine_or_fail(self) -> HFEngine:
         assert self._engine is not None  # set by _setup
         return self._engine
@@ -431,6 +448,9 @@ class HuggingFacePipeline(LocalLLM):
             bos_token=tok.bos_token or "",
             eos_token=tok.eos_token or "",
             adds_bos=bool(ids) and bos is not None and ids[0] == bos,
+            context_length=getattr(
+                engine.model.config.get_text_config(), "max_position_embeddings", None
+            ),
         )
 
     def get_token_ids(self, text: str) -> list[int]:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
 from langchain_localllms._base import Call, LocalLLM, Refused
 from langchain_localllms._files import cpu_count, model_file
+from langchain_localllms._hub import hub_file
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar, GrammarField
 from langchain_localllms.prompts import ModelInfo
-from langchain_localllms.runtimes.llamacpp import LlamaCppEngine
+from langchain_localllms.runtimes.llamacpp import LlamaCppEngine, auto_context
+
+_log = logging.getLogger(__name__)
 
 _F16, _F32 = 1, 0  # ggml type ids of the KV cache
 #: Fields passed to ``llama_cpp.Llama`` under their own name.
@@ -64,8 +69,11 @@ class LlamaCpp(LocalLLM):
 
     model_path: str
     """Path of the GGUF model file."""
-    n_ctx: int = Field(default=2048, ge=0)
-    """Context size in tokens (prompt + answer); 0 takes the model's trained size."""
+    n_ctx: Annotated[int, Field(ge=0)] | Literal["auto"] = 2048
+    """Context size in tokens (prompt + answer). ``"auto"``: the model's trained
+    context, capped so the KV cache takes at most half the memory available
+    (``model_info().context_length`` says what was chosen); 0: the trained context,
+    whatever its memory."""
     n_batch: int = Field(default=512, ge=1)
     """Prompt tokens evaluated per step (larger is faster for long prompts)."""
     n_threads: int | None = Field(default=None, ge=1)
@@ -185,6 +193,60 @@ class LlamaCpp(LocalLLM):
         values["model_kwargs"] = extra
         return values
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        filename: str = "*Q4_K_M.gguf",
+        revision: str | None = None,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool | None = None,
+        **kwargs: Any,
+    ) -> LlamaCpp:
+        """Load a GGUF of a Hugging Face Hub repo from the Hub cache, offline first.
+
+        ``filename`` is a path in the repo or a glob over them (``fnmatch``, as
+        ``llama_cpp.Llama.from_pretrained`` matches). The cached snapshot of
+        ``revision`` is looked at first, without the network; only a file that is not
+        cached is downloaded into the cache, and never with ``local_files_only=True``
+        or ``HF_HUB_OFFLINE=1``. A split GGUF (``*-00001-of-00003.gguf``) comes with
+        all its parts.
+
+        Args:
+            repo_id: ``org/name`` on the Hub.
+            filename: The file, or a pattern that matches exactly one file (or the
+                parts of one split GGUF), e.g. ``"*Q4_K_M.gguf"``.
+            revision: A branch, tag or commit hash (default ``main``).
+            cache_dir: The Hub cache (default: huggingface_hub's: ``HF_HUB_CACHE``,
+                else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``).
+            local_files_only: Never use the network (None: as ``HF_HUB_OFFLINE`` says).
+            **kwargs: Any other argument of :class:`LlamaCpp` (``n_ctx``,
+                ``temperature``, ...).
+
+        Returns:
+            A :class:`LlamaCpp` whose ``model_path`` is the file in the cached snapshot.
+
+        Raises:
+            FileNotFoundError: No file matches, or it is not cached and may not (or could
+                not) be downloaded; the message names the repo, the pattern, the cache
+                folder and the ``hf download`` command that fetches it.
+            ValueError: The pattern matches several files (the message lists them).
+        """
+        if "model_path" in kwargs:
+            msg = "from_pretrained sets model_path itself (the file in the cache); do not pass it"
+            raise TypeError(msg)
+        path = hub_file(
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            feature="LlamaCpp.from_pretrained",
+            extra="llamacpp",
+        )
+        return cls(model_path=str(path), **kwargs)
+
     def _setup(self) -> None:
         if self.grammar_path is not None:
             if self.grammar is not None:
@@ -193,9 +255,13 @@ class LlamaCpp(LocalLLM):
             self.grammar = Grammar.from_file(self.grammar_path)
         path = model_file(self.model_path, kind="GGUF model", magic=b"GGUF")
         threads = self.n_threads or cpu_count()
+        n_ctx = self.n_ctx
+        if n_ctx == "auto":
+            n_ctx, why = auto_context(path, kv_bytes=2 if self.f16_kv else 4)
+            _log.info("LlamaCpp %s: n_ctx='auto' chose %s", path.name, why)
         kwargs: dict[str, Any] = {
-            "n_ctx": self.n_ctx,
-            "n_batch": min(self.n_batch, self.n_ctx) if self.n_ctx else self.n_batch,
+            "n_ctx": n_ctx,
+            "n_batch": min(self.n_batch, n_ctx) if n_ctx else self.n_batch,
             "n_threads": threads,
             "n_threads_batch": self.n_threads_batch or threads,
             "seed": self.seed if self.seed >= 0 else None,  # None: a random one
@@ -247,6 +313,7 @@ class LlamaCpp(LocalLLM):
             model=md.get("general.name") or Path(self.model_path).name,
             architecture=md.get("general.architecture"),
             chat_template=md.get("tokenizer.chat_template"),
+            context_length=self.client.n_ctx(),
             **self._engine_or_fail().special_tokens(),
         )
 

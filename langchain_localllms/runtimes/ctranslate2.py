@@ -8,13 +8,11 @@ here can constrain decoding with a grammar.
 
 from __future__ import annotations
 
-import atexit
-import gc
+import contextlib
 import json
 import os
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,19 @@ from langchain_localllms._base import Row
 from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms._files import model_dir
 from langchain_localllms._imports import require
-from langchain_localllms._native import current_cancel
+from langchain_localllms._native import SharedModel, current_cancel
 from langchain_localllms._stop import StopStream
 from langchain_localllms._usage import Tally
-from langchain_localllms.conversion import TOKENIZER_FILES
+from langchain_localllms.conversion import TOKENIZER_FILES, trained_context
+from langchain_localllms.errors import ContextOverflowError
 
-__all__ = ["CTranslate2Engine", "ct2_dir", "read_json", "source_model_type"]
+__all__ = [
+    "CTranslate2Engine",
+    "ct2_dir",
+    "read_json",
+    "source_context",
+    "source_model_type",
+]
 
 
 class CTranslate2Engine:
@@ -73,27 +78,82 @@ class CTranslate2Engine:
                 "ct2-transformers-converter)."
             )
             raise ValueError(msg) from e
-        self._handle = _Handle(generator)
+        # Released at close(), or at exit while Python can still run the release:
+        # CTranslate2's worker threads keep the last job's Python step callback
+        # until the Generator ends, and ending it during interpreter shutdown aborts
+        # the process ("terminate called without an active exception").
+        # unload_model first: dropping the Generator alone returned a third of the
+        # weights' memory to the system (measured on Gemma-3-270M).
+        self.shared = SharedModel(
+            generator,
+            generator.unload_model,
+            runtime="ctranslate2",
+            name=f"CTranslate2 model {path.name}",
+        )
+        self._load_lock = threading.Lock()
+        self._active = 0  # calls generating now
+        self._unload_wanted = False
+        #: The context the model was trained for, where the directory records it.
+        self.trained_context = source_context(path)
         if tokenizer is None:
             tokenizer = self._load_tokenizer(path, tokenizer_name)
-        self.tokenizer = tokenizer
+        self.shared.set_part("tokenizer", tokenizer)
         config = read_json(path / "config.json")
         self._bos = config.get("bos_token")
         self._end_ids = self._default_end_ids(path, config)
 
     @property
     def client(self) -> Any:
-        """The ``ctranslate2.Generator`` (None once released at exit)."""
-        return self._handle.generator
+        """The ``ctranslate2.Generator`` (None once closed)."""
+        return None if self.shared.closed else self.shared.model
 
     @property
-    def generator(self) -> Any:
-        """The ``ctranslate2.Generator``; an error once released at exit."""
-        generator = self._handle.generator
-        if generator is None:
-            msg = "this CTranslate2 model was released (the interpreter is exiting)"
-            raise RuntimeError(msg)
-        return generator
+    def tokenizer(self) -> Any:
+        """The tokenizer; ClosedError once closed."""
+        return self.shared.part("tokenizer")
+
+    def close(self) -> None:
+        """Free the model and tokenizer, at once or when the running calls end."""
+        self.shared.close()
+
+    def unload(self) -> None:
+        """Free the weights but keep the model ready: the next call loads them again.
+
+        Calls running now end first (then the weights go).
+        """
+        with self._load_lock:
+            if self._active:
+                self._unload_wanted = True
+                return
+        self._unload()
+
+    def _unload(self) -> None:
+        with self._load_lock, self.shared.use() as generator:
+            self._unload_wanted = False
+            if generator.model_is_loaded and not self._active:
+                generator.unload_model()
+
+    @contextlib.contextmanager
+    def _generator(self) -> Iterator[Any]:
+        """The Generator with its weights loaded, kept loaded until the block ends."""
+        with self.shared.use() as generator:
+            with self._load_lock:
+                self._active += 1
+                self._unload_wanted = False  # a new call wants the weights
+                try:
+                    if not generator.model_is_loaded:
+                        generator.load_model()
+                except BaseException:
+                    self._active -= 1
+                    raise
+            try:
+                yield generator
+            finally:
+                with self._load_lock:
+                    self._active -= 1
+                    wanted = self._unload_wanted and not self._active
+                if wanted:
+                    self._unload()
 
     def token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in this model's vocabulary (no special tokens)."""
@@ -220,6 +280,11 @@ class CTranslate2Engine:
             return self._encode([static], specials=True)[0]
         return list(self.tokenizer.convert_tokens_to_ids(static))
 
+    def _limit(self, p: Mapping[str, Any]) -> int:
+        """The longest prompt allowed (0: none): ``max_input_length``, else the trained context."""
+        limit = p["max_input_length"]
+        return int(limit if limit is not None else self.trained_context or 0)
+
     def _prompts(
         self, prompts: list[str], p: Mapping[str, Any]
     ) -> tuple[list[int] | None, list[list[int]]]:
@@ -230,8 +295,8 @@ class CTranslate2Engine:
         """
         static = self._static(p)
         if static is None:
-            return None, _fits(self._encode(prompts, specials=True), 0, p["max_input_length"])
-        encoded = _fits(self._encode(prompts, specials=False), len(static), p["max_input_length"])
+            return None, _fits(self._encode(prompts, specials=True), 0, self._limit(p))
+        encoded = _fits(self._encode(prompts, specials=False), len(static), self._limit(p))
         if all(encoded):
             return static, encoded
         return None, [[*static, *ids] for ids in encoded]
@@ -298,13 +363,19 @@ class CTranslate2Engine:
     # --------------------------------------------------------------- generation
     def pieces(self, prompt: str, p: Mapping[str, Any], tally: Tally) -> Iterator[str]:
         """Generate for one prompt with decoding parameters ``p``, token by token."""
+        with self._generator() as generator:
+            yield from self._pieces(generator, prompt, p, tally)
+
+    def _pieces(
+        self, generator: Any, prompt: str, p: Mapping[str, Any], tally: Tally
+    ) -> Iterator[str]:
         static, (ids,) = self._prompts([prompt], p)
         options = self._options(p, static)
         end_ids = set(options["end_token"])
         tally.prompt_tokens = len(ids) + len(static or [])
         detok = self._detokenizer([*(static or []), *ids])
         if p["beam_size"] > 1:
-            result = self.generator.generate_batch(
+            result = generator.generate_batch(
                 [self._tokens(ids)],
                 beam_size=p["beam_size"],
                 patience=p["patience"],
@@ -319,7 +390,7 @@ class CTranslate2Engine:
             if text:
                 yield text
             return
-        steps = self.generator.generate_tokens(self._tokens(ids), **options)
+        steps = generator.generate_tokens(self._tokens(ids), **options)
         try:
             tally.finish_reason = "length"
             for step in steps:
@@ -338,6 +409,12 @@ class CTranslate2Engine:
 
     def rows(self, prompts: list[str], p: Mapping[str, Any], stops: list[str]) -> list[Row]:
         """Generate for many prompts in one ``generate_batch``."""
+        with self._generator() as generator:
+            return self._rows(generator, prompts, p, stops)
+
+    def _rows(
+        self, generator: Any, prompts: list[str], p: Mapping[str, Any], stops: list[str]
+    ) -> list[Row]:
         static, encoded = self._prompts(prompts, p)
         options = self._options(p, static)
         contexts = [[*(static or []), *ids] for ids in encoded]
@@ -357,7 +434,7 @@ class CTranslate2Engine:
 
         beams = p["beam_size"] > 1
         started = time.perf_counter()
-        results = self.generator.generate_batch(
+        results = generator.generate_batch(
             [self._tokens(ids) for ids in encoded],
             max_batch_size=p["max_batch_size"],
             batch_type=p["batch_type"],
@@ -384,39 +461,30 @@ class CTranslate2Engine:
 
 def source_model_type(path: Path) -> str | None:
     """``model_type`` of the Hugging Face model ``from_pretrained`` converted."""
-    about = path / "langchain-localllms.json"
-    source = read_json(about).get("source") if about.is_file() else None
-    config = Path(source) / "config.json" if source else None
-    if config is None or not config.is_file():
-        return None
-    value = read_json(config).get("model_type")
+    value = _source_config(path).get("model_type")
     return value if isinstance(value, str) else None
 
 
-# ------------------------------------------------------------------ generators
-class _Handle:
-    """Holds a ``ctranslate2.Generator``, shared by an instance and its copies.
-
-    CTranslate2's worker threads keep the last job, with its Python step callback
-    (``generate_tokens`` uses one), until the next job or the Generator's end; if that
-    end comes during interpreter shutdown, releasing the callback aborts the process
-    ("terminate called without an active exception"). So every Generator this module
-    made is released at exit, while Python can still run the release.
-    """
-
-    def __init__(self, generator: Any) -> None:
-        self.generator = generator
-        _HANDLES.add(self)
+def source_context(path: Path) -> int | None:
+    """The context the model ``from_pretrained`` converted was trained for, if known."""
+    about = path / "langchain-localllms.json"
+    value = read_json(about).get("context_length") if about.is_file() else None
+    if isinstance(value, int) and value > 0:
+        return value
+    source = _source_config_path(path)
+    return trained_context(source) if source is not None else None
 
 
-_HANDLES: weakref.WeakSet[_Handle] = weakref.WeakSet()
+def _source_config_path(path: Path) -> Path | None:
+    about = path / "langchain-localllms.json"
+    source = read_json(about).get("source") if about.is_file() else None
+    config = Path(source) / "config.json" if source else None
+    return config if config is not None and config.is_file() else None
 
 
-@atexit.register
-def _release_generators() -> None:
-    for handle in list(_HANDLES):
-        handle.generator = None
-    gc.collect()
+def _source_config(path: Path) -> dict[str, Any]:
+    config = _source_config_path(path)
+    return read_json(config) if config is not None else {}
 
 
 # ------------------------------------------------------------------ detokenizing
@@ -476,9 +544,9 @@ def _fits(encoded: list[list[int]], static: int, limit: int) -> list[list[int]]:
     for ids in encoded:
         if limit and static + len(ids) > limit:
             msg = (
-                f"the prompt is {static + len(ids)} tokens, more than max_input_length="
-                f"{limit}: shorten it, or raise max_input_length (0: no limit) up to the "
-                "context the model was trained for"
+                f"the prompt is {static + len(ids)} tokens, more than the {limit} the "
+                "context holds (max_input_length, by default the context the model was "
+                "trained for): shorten it"
             )
-            raise ValueError(msg)
+            raise ContextOverflowError(msg, prompt_tokens=static + len(ids), context=limit)
     return encoded

@@ -10,6 +10,7 @@ from langchain_localllms._base import Echo
 from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
+from langchain_localllms.errors import ContextOverflowError
 
 _TOKEN = object()  # one generated token (its text, if any, follows)
 
@@ -36,21 +37,31 @@ class GPT4AllEngine:
                 "not newer architectures; LlamaCpp from this package runs them."
             )
             raise ValueError(msg) from e
-        self.shared = SharedModel(model, model.close, runtime="gpt4all")
+        self.shared = SharedModel(
+            model, model.close, runtime="gpt4all", name=f"GPT4All model {path.name}"
+        )
 
     @property
     def model(self) -> Any:
         """The ``gpt4all.GPT4All``."""
         return self.shared.model
 
+    def close(self) -> None:
+        """Free the model (at once, or when the running call ends)."""
+        self.shared.close()
+
     def pieces(self, prompt: str, p: Mapping[str, Any], tally: Tally) -> Iterator[str]:
         """Generate for one prompt with sampling parameters ``p``, piece by piece."""
+        with self.shared.use() as model:
+            yield from self._pieces(model, prompt, p, tally)
+
+    def _pieces(self, model: Any, prompt: str, p: Mapping[str, Any], tally: Tally) -> Iterator[str]:
         if not prompt:
             msg = "the prompt is empty; GPT4All needs some text to continue"
             raise ValueError(msg)
         if p["echo"]:
             yield Echo(prompt)
-        engine = self.model.model  # gpt4all's LLModel
+        engine = model.model  # gpt4all's LLModel
         raw_decoder = type(engine)._callback_decoder
         counts = {"prompt": 0, "decoded": 0}
         failure: list[str] = []
@@ -105,6 +116,8 @@ class GPT4AllEngine:
                     f"{failure[0].removeprefix('ERROR: ')} Shorten the prompt or load "
                     "the model with a larger n_ctx."
                 )
+                if "context" in failure[0]:  # "The prompt size exceeds the context window"
+                    raise ContextOverflowError(msg, prompt_tokens=counts["prompt"] or None)
                 raise ValueError(msg)
 
         items = self.shared.stream(work)

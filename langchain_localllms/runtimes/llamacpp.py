@@ -20,12 +20,15 @@ from langchain_localllms._base import Echo
 from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
+from langchain_localllms.errors import ContextOverflowError
 from langchain_localllms.grammars import Grammar
 
 __all__ = [
     "REBUILD_WITHOUT_AMX",
     "LlamaCppEngine",
+    "auto_context",
     "cpu_has_amx",
+    "gguf_metadata",
     "gguf_token_ids",
     "warn_if_amx_build",
 ]
@@ -68,7 +71,9 @@ class LlamaCppEngine:
         self.verbose = bool(load_kwargs.get("verbose"))
         # Freed when the last holder goes, and at the latest at exit, before Python
         # tears down the modules llama-cpp-python's destructor needs.
-        self.shared = SharedModel(llm, llm.close, runtime="llamacpp")
+        self.shared = SharedModel(
+            llm, llm.close, runtime="llamacpp", name=f"LlamaCpp model {path.name}"
+        )
         arch = llm.metadata.get("general.architecture", "")
         self.sliding_window = f"{arch}.attention.sliding_window" in llm.metadata
         self._grammars: dict[str, Any] = {}
@@ -78,22 +83,28 @@ class LlamaCppEngine:
         """The ``llama_cpp.Llama``."""
         return self.shared.model
 
+    def close(self) -> None:
+        """Free the model (at once, or when the running call ends)."""
+        self.shared.close()
+
     def token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in this model's vocabulary."""
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        with self.shared.use() as llm:
+            return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def special_tokens(self) -> dict[str, Any]:
         """The start and end tokens' text, and whether a prompt starts with one."""
-        vocab = self.llm._model
+        with self.shared.use() as llm:
+            vocab = llm._model
 
-        def text(token: int) -> str:
-            return str(vocab.token_get_text(token)) if token >= 0 else ""
+            def text(token: int) -> str:
+                return str(vocab.token_get_text(token)) if token >= 0 else ""
 
-        return {
-            "bos_token": text(vocab.token_bos()),
-            "eos_token": text(vocab.token_eos()),
-            "adds_bos": bool(vocab.add_bos_token()),
-        }
+            return {
+                "bos_token": text(vocab.token_bos()),
+                "eos_token": text(vocab.token_eos()),
+                "adds_bos": bool(vocab.add_bos_token()),
+            }
 
     def grammar(self, g: Grammar) -> Any:
         """The ``LlamaGrammar`` of ``g`` (compiled once)."""
@@ -106,8 +117,11 @@ class LlamaCppEngine:
 
     def pieces(self, prompt: str, p: Mapping[str, Any], tally: Tally) -> Iterator[str]:
         """Generate for one prompt with sampling parameters ``p``, piece by piece."""
+        with self.shared.use() as llm:
+            yield from self._pieces(llm, prompt, p, tally)
+
+    def _pieces(self, llm: Any, prompt: str, p: Mapping[str, Any], tally: Tally) -> Iterator[str]:
         llama_cpp = require("llama_cpp")
-        llm = self.llm
         tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         if not tokens:
             msg = "the prompt is empty and this model adds no start token; give a prompt"
@@ -117,9 +131,10 @@ class LlamaCppEngine:
         if room <= 0:
             msg = (
                 f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}: "
-                f"shorten the prompt or load the model with a larger n_ctx"
+                "shorten the prompt or load the model with a larger n_ctx (n_ctx='auto': "
+                "the context it was trained for)"
             )
-            raise ValueError(msg)
+            raise ContextOverflowError(msg, prompt_tokens=len(tokens), context=n_ctx)
         limit = room if not p["max_tokens"] or p["max_tokens"] <= 0 else min(p["max_tokens"], room)
         grammar = self.grammar(p["grammar"]) if p["grammar"] is not None else None
         tally.prompt_tokens = len(tokens)
@@ -207,14 +222,88 @@ def gguf_token_ids(path: Path, text: str) -> list[int]:
     Loads only the vocabulary (no weights), once per file; for classes whose own
     runtime cannot tokenize (GPT4All, Ollama's server).
     """
+    return list(_vocab(path).tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+
+def _vocab(path: Path) -> Any:
+    """The GGUF at ``path`` loaded with its vocabulary and metadata only, once per file."""
     key = str(path)
     vocab = _VOCABS.get(key)
     if vocab is None:
-        llama_cpp = require("llama_cpp", feature="counting tokens of a GGUF model")
+        llama_cpp = require("llama_cpp", feature="reading a GGUF model's vocabulary")
         vocab = _VOCABS[key] = llama_cpp.Llama(model_path=key, vocab_only=True, verbose=False)
         # Closed at exit while Python can still run llama-cpp-python's destructor.
         weakref.finalize(vocab, vocab.close)
-    return list(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    return vocab
+
+
+def gguf_metadata(path: Path) -> dict[str, str]:
+    """The GGUF metadata of the file at ``path``, read with its vocabulary only (once)."""
+    return dict(_vocab(path).metadata)
+
+
+#: Of the memory available, the most an ``n_ctx="auto"`` KV cache may take.
+AUTO_CONTEXT_MEMORY_SHARE = 0.5
+
+
+def auto_context(path: Path, *, kv_bytes: int) -> tuple[int, str]:
+    """``n_ctx="auto"``: the model's trained context, capped by the memory available.
+
+    Returns the context size and how it was chosen (for ``model_info`` and logs).
+    ``kv_bytes`` is the size of one KV cache element (2 for float16, 4 for float32).
+    """
+    md = gguf_metadata(path)
+    arch = md.get("general.architecture", "")
+
+    def number(key: str) -> int | None:
+        value = md.get(f"{arch}.{key}")
+        try:
+            return int(str(value).split(",")[0].strip("[] ")) if value is not None else None
+        except ValueError:
+            return None
+
+    trained = number("context_length")
+    if not trained:
+        msg = (
+            f"n_ctx='auto' needs the trained context from the GGUF metadata, and {path.name} "
+            f"has no {arch}.context_length; give n_ctx as a number"
+        )
+        raise ValueError(msg)
+    layers = number("block_count") or 0
+    heads = number("attention.head_count") or 1
+    kv_heads = number("attention.head_count_kv") or heads
+    head_dim = (number("embedding_length") or 0) // heads
+    per_token = (
+        layers
+        * kv_heads
+        * (
+            (number("attention.key_length") or head_dim)
+            + (number("attention.value_length") or head_dim)
+        )
+        * kv_bytes
+    )
+    available = _available_memory()
+    if per_token and available:
+        fits = int(available * AUTO_CONTEXT_MEMORY_SHARE // per_token) // 256 * 256
+        if fits < trained:
+            return max(fits, 256), (
+                f"{max(fits, 256)} of the {trained} tokens it was trained for: a KV cache of "
+                f"{per_token * trained / 2**20:.0f} MB would take more than half of the "
+                f"{available / 2**20:.0f} MB available"
+            )
+    return trained, f"the {trained} tokens it was trained for"
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def warn_if_amx_build(llama_cpp: Any) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import pickle
+import resource
 import threading
 from collections.abc import Callable
 from itertools import zip_longest
@@ -23,6 +25,8 @@ from langchain_core.globals import set_llm_cache
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import GenerationChunk
 from langchain_core.prompts import PromptTemplate
+
+from langchain_localllms.errors import ClosedError, ContextOverflowError
 
 T = TypeVar("T")
 #: How long a usage pattern may take before it counts as a hang.
@@ -63,7 +67,9 @@ class RunRecorder(BaseCallbackHandler):
         self.prompts: dict[Any, str] = {}
         self.tokens: dict[Any, list[str]] = {}
 
-    def on_llm_start(self, serialized: Any, prompts: list[str], *, run_id: Any, **kwargs: Any) -> None:
+    def on_llm_start(
+        self, serialized: Any, prompts: list[str], *, run_id: Any, **kwargs: Any
+    ) -> None:
         self.prompts[run_id] = prompts[0]
         self.tokens.setdefault(run_id, [])
 
@@ -89,6 +95,8 @@ class LLMContract:
     names_the_stop: ClassVar[bool] = True
     #: Options that give the runtime a context limit, where it has none by default.
     context_limit: ClassVar[dict[str, Any]] = {}
+    #: What a prompt longer than the context raises.
+    overflow_error: ClassVar[type[Exception]] = ContextOverflowError
 
     @pytest.fixture
     def llm(self) -> BaseLLM:  # pragma: no cover - subclasses override
@@ -141,6 +149,10 @@ class LLMContract:
         assert "context" in str(outs[1]) or "long" in str(outs[1]), outs[1]
         assert [outs[0], outs[2]] == llm.batch(good)
 
+    def test_a_prompt_longer_than_the_context_is_a_typed_error(self, llm: BaseLLM) -> None:
+        with pytest.raises(self.overflow_error, match="context"):
+            llm.invoke(TOO_LONG, **self.context_limit)
+
     def test_generate_many_prompts_sums_usage(self, llm: BaseLLM) -> None:
         result = llm.generate(self.prompts[:2])
         assert len(result.generations) == 2
@@ -160,7 +172,9 @@ class LLMContract:
         text = llm.invoke(PROMPT, config={"callbacks": [rec]})
         assert len(rec.tokens) > 1
         assert "".join(rec.tokens) == text
-        assert all(isinstance(c, GenerationChunk) and c.text == t for c, t in zip(rec.chunks, rec.tokens))
+        assert all(
+            isinstance(c, GenerationChunk) and c.text == t for c, t in zip(rec.chunks, rec.tokens)
+        )
         rec2 = Recorder()
         streamed = "".join(llm.stream(PROMPT, config={"callbacks": [rec2]}))
         assert "".join(rec2.tokens) == streamed
@@ -196,7 +210,9 @@ class LLMContract:
         ):
             assert result.text == cut
             assert result.generation_info["finish_reason"] == "stop"
-            assert result.generation_info["stop_sequence"] == (stop if self.names_the_stop else None)
+            assert result.generation_info["stop_sequence"] == (
+                stop if self.names_the_stop else None
+            )
         assert llm.bind(stop=[stop]).invoke(self.prompts[0]) == cut
 
     async def test_async_forms_do_not_block_the_loop(self, llm: BaseLLM) -> None:
@@ -240,7 +256,6 @@ class LLMContract:
     def test_unknown_option_is_refused(self, llm: BaseLLM) -> None:
         with pytest.raises(TypeError, match="unknown option"):
             llm.invoke(PROMPT, no_such_option=1)
-
 
     # ------------------------------------------- one instance, any pattern of use
     # Each pattern runs under a bounded wait: a hang fails the test instead of CI.
@@ -317,11 +332,56 @@ class LLMContract:
         assert bounded(deep.invoke, PROMPT) == expected
         assert deep._identifying_params == llm._identifying_params
 
+    def test_close_frees_the_model_and_refuses_later_use(self, llm: BaseLLM) -> None:
+        expected = llm.invoke(PROMPT)
+        fresh = pickle.loads(pickle.dumps(llm))  # its own load of the same model
+        twin = fresh.model_copy()
+        with fresh as same:
+            assert same is fresh
+            assert fresh.invoke(PROMPT) == expected
+        assert fresh.closed
+        assert twin.closed  # copies share the model: closed with it
+        for use in (
+            lambda: fresh.invoke(PROMPT),
+            lambda: list(twin.stream(PROMPT)),
+            lambda: fresh.batch([PROMPT, PROMPTS[0]]),
+        ):
+            with pytest.raises(ClosedError, match="was closed"):
+                use()
+        fresh.close()  # a second close does nothing
+        assert llm.invoke(PROMPT) == expected  # other instances of the model go on
+
+    async def test_async_with_closes_and_refuses_later_use(self, llm: BaseLLM) -> None:
+        async with pickle.loads(pickle.dumps(llm)) as fresh:
+            assert await fresh.ainvoke(PROMPT) == llm.invoke(PROMPT)
+        with pytest.raises(ClosedError):
+            await fresh.ainvoke(PROMPT)
+        with pytest.raises(ClosedError):
+            async for _ in fresh.astream(PROMPT):
+                pass
+
+    def test_close_during_a_stream_lets_it_finish(self, llm: BaseLLM) -> None:
+        fresh = pickle.loads(pickle.dumps(llm))
+        expected = fresh.invoke(PROMPT)
+        stream = fresh.stream(PROMPT)
+        first = next(stream)
+        bounded(fresh.close)  # returns at once: the memory goes when the stream ends
+        assert first + "".join(stream) == expected
+        with pytest.raises(ClosedError):
+            fresh.invoke(PROMPT)
+
     def test_pickle_round_trip_loads_the_same_model(self, llm: BaseLLM) -> None:
         again = pickle.loads(pickle.dumps(llm))
         assert type(again) is type(llm)
         assert again._identifying_params == llm._identifying_params
         assert again.invoke(PROMPT) == llm.invoke(PROMPT)
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB, after a garbage collection."""
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def bounded(fn: Callable[..., T], *args: Any, timeout: float = HANG_S) -> T:

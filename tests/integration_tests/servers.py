@@ -6,9 +6,11 @@
 * :func:`ollama_server` — a loopback server speaking Ollama's HTTP API as
   ``/work/shared/CONTRACTS.md`` gives it (status codes, NDJSON framing, final metrics
   in nanoseconds, ``{"error"}`` lines, 404 for an unknown model, ``/api/show``,
-  ``/api/tags``, ``/api/version``), generating real tokens with llama-cpp-python on
-  the Gemma GGUF. No Ollama binary can be installed on these machines; with a real
-  one, set ``OLLAMA_BASE_URL`` and the tests in ``test_ollama.py`` also run against it.
+  ``/api/tags``, ``/api/version``, and ``/api/pull``, ``/api/ps``, ``num_ctx`` and
+  truncation as :class:`OllamaLoopback` documents them), generating real tokens with
+  llama-cpp-python on the Gemma GGUF. No Ollama binary can be installed on these
+  machines; with a real one, set ``OLLAMA_BASE_URL`` and the tests in
+  ``test_ollama.py`` also run against it.
 
 Each server starts once per process (the first call) and stops when it exits.
 """
@@ -22,6 +24,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,8 +76,11 @@ def llama_server() -> LlamaServer:
 
 
 def ollama_server() -> OllamaLoopback:
-    """The loopback Ollama server of this process, serving Gemma as ``gemma3:270m``."""
-    return _once("ollama", lambda: OllamaLoopback({GEMMA: gemma_gguf()}))
+    """The loopback Ollama server of this process, serving Gemma as ``gemma3:270m``
+    (which its registry also has: pulling it again checks the layers, as Ollama does)."""
+    return _once(
+        "ollama", lambda: OllamaLoopback({GEMMA: gemma_gguf()}, library={GEMMA: gemma_gguf()})
+    )
 
 
 def one_shot_server(reply: bytes) -> str:
@@ -232,25 +238,75 @@ class OllamaLoopback:
     """A loopback server that speaks Ollama's HTTP API, backed by llama-cpp-python.
 
     Like Ollama with ``OLLAMA_NUM_PARALLEL=1``, it generates one answer at a time and
-    queues the others. Tests can look at ``requests`` (what arrived), make the next
+    queues the others. Tests can look at ``requests`` (what arrived), ``warnings``
+    (options it ignored), ``log`` (what Ollama logs and never tells the client, such
+    as ``truncating input prompt``), ``reused`` (how many prompt tokens each
+    generation found in the KV cache), make the next
     generation fail with :meth:`inject`, and demand basic auth with ``require_auth``.
+
+    What it does as Ollama does (sources: Ollama's ``docs/api.md``, and its source:
+    ``server/images.go`` ``PullModel``, ``server/download.go``,
+    ``runner/ollamarunner/runner.go`` ``NewSequence`` / ``completion``, ``api/types.go``):
+
+    * **Context.** A model runs with ``options.num_ctx`` tokens of context, else the
+      server's default (``n_ctx`` here, ``OLLAMA_CONTEXT_LENGTH`` there), capped at
+      the context the GGUF was trained for; a different ``num_ctx`` reloads it.
+      ``GET /api/ps`` lists the loaded models with that ``context_length`` (Ollama
+      0.11+), and ``/api/show``'s ``model_info`` has ``<arch>.context_length``.
+    * **Truncation, without an error.** A prompt longer than the context keeps its
+      first ``num_keep`` tokens (option, default 4, plus the BOS token) and its end:
+      ``inputs[:keep] + inputs[keep + discard:]`` with ``discard = len - num_ctx``, so
+      exactly ``num_ctx`` tokens remain, and Ollama logs a warning the client never
+      sees. When generation fills the context, it shifts: half of what follows the
+      kept tokens is dropped and decoding goes on (llama-cpp-python re-evaluates the
+      rest; Ollama shifts its KV cache in place).
+    * **prompt_eval_count** is the whole prompt after truncation, also when part of it
+      was reused from the KV cache (Ollama's runner counts ``numPromptInputs`` before
+      it loads the cache slot). Ollama before its Go runner (0.1.x) reported only the
+      newly evaluated tokens, or nothing, for a cached prompt (ollama#2068, #3427).
+    * **Pull.** ``POST /api/pull`` ``{"model", "stream"}`` streams NDJSON:
+      ``{"status": "pulling manifest"}``, then per layer (model, template, params,
+      license, config) ``{"status": "pulling <digest[7:19]>", "digest": "sha256:...",
+      "total": N, "completed": M}`` repeated (``completed`` left out while 0, as Go's
+      ``omitempty`` does; a layer already present is one line with completed ==
+      total), then ``verifying sha256 digest``, ``writing manifest``, ``success``. A
+      name the registry lacks: ``{"error": "pull model manifest: file does not exist"}``
+      after the first line, HTTP status 200 (the error is in the stream). Names the
+      loopback can pull are ``library``; pulling copies the GGUF into a blob store,
+      in chunks, and serves it under the name (``/api/show``'s ``FROM`` names the blob).
+    * **Unload.** An empty prompt with ``keep_alive`` 0 frees the model and answers
+      one JSON object with ``done_reason: "unload"``.
 
     Args:
         models: Model names (``name:tag``) and the GGUF files behind them.
-        n_ctx: Context size of each loaded model.
+        library: Names the loopback's "registry" has, and the GGUF files behind them.
+        n_ctx: The server's default context size (Ollama's ``OLLAMA_CONTEXT_LENGTH``).
         threads: CPU threads for generation.
     """
 
-    def __init__(self, models: dict[str, Path], *, n_ctx: int = 2048, threads: int = 2):
+    def __init__(
+        self,
+        models: dict[str, Path],
+        *,
+        library: dict[str, Path] | None = None,
+        n_ctx: int = 2048,
+        threads: int = 2,
+    ):
         self.models = {_full_name(k): Path(v) for k, v in models.items()}
+        self.library = {_full_name(k): Path(v) for k, v in (library or {}).items()}
         self.n_ctx = n_ctx
         self.threads = threads
         self.requests: list[dict[str, Any]] = []
         self.warnings: list[str] = []
+        self.log: list[str] = []
+        self.reused: list[int] = []
         self.require_auth: tuple[str, str] | None = None
         self._faults: list[tuple[str, int]] = []
         self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._blobs = Path(tempfile.mkdtemp(prefix="ollama-loopback-blobs-"))
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self._meta: dict[str, dict[str, str]] = {}
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.app = self  # type: ignore[attr-defined]
@@ -261,6 +317,8 @@ class OllamaLoopback:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self._loaded.clear()
+        shutil.rmtree(self._blobs, ignore_errors=True)
 
     def inject(self, fault: str, *, after: int = 2) -> None:
         """Make the next generation fail after ``after`` pieces: ``"error"`` sends an
@@ -286,11 +344,115 @@ class OllamaLoopback:
             "model_info": {
                 "general.architecture": "gemma3",
                 "general.parameter_count": 268098176,
-                "gemma3.context_length": 32768,
+                "gemma3.context_length": self._trained(name),
             },
             "capabilities": ["completion"],
             "modified_at": _now(),
         }
+
+    def ps(self) -> dict[str, Any]:
+        """``GET /api/ps``: the loaded models, with the context each runs with."""
+        running = []
+        for name, (_, ctx) in list(self._loaded.items()):
+            running.append(
+                {
+                    **self._summary(name),
+                    "expires_at": _now(),
+                    "size_vram": 0,
+                    "context_length": ctx,
+                }
+            )
+        return {"models": running}
+
+    def pull(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The status lines of one ``/api/pull`` (see the class docstring)."""
+        model = body.get("model") or body.get("name")
+        if not model or not isinstance(model, str) or not re.fullmatch(r"[\w./:-]+", model):
+            raise _Fail(400, "invalid model name")
+        name = _full_name(model)
+        yield {"status": "pulling manifest"}
+        source = self.library.get(name)
+        if source is None:
+            yield {"error": "pull model manifest: file does not exist"}
+            return
+        template = json.dumps(_DEFAULT_TEMPLATE).encode()
+        small = {
+            "template": template,
+            "params": b"{}",
+            "license": b"Gemma Terms of Use",
+        }
+        layers: list[tuple[str, int, Any]] = [(self._digest(source), source.stat().st_size, source)]
+        for data in [*small.values(), json.dumps({"model_format": "gguf"}).encode()]:
+            layers.append(("sha256:" + hashlib.sha256(data).hexdigest(), len(data), data))
+        for digest, size, content in layers:
+            yield from self._fetch(digest, size, content)
+        yield {"status": "verifying sha256 digest"}
+        digest = layers[0][0]
+        weights = self._stored(digest)
+        if weights is None or self._digest(weights) != digest:
+            self._blob(digest).unlink(missing_ok=True)
+            yield {"error": f"digest mismatch, file must be downloaded again: {digest}"}
+            return
+        yield {"status": "writing manifest"}
+        self.models[name] = weights
+        yield {"status": "success"}
+
+    def _stored(self, digest: str) -> Path | None:
+        """Where the store holds the layer: its blob, or a served model's file."""
+        blob = self._blob(digest)
+        if blob.is_file():
+            return blob
+        return next((p for p in set(self.models.values()) if self._digest(p) == digest), None)
+
+    def _fetch(self, digest: str, size: int, content: Any) -> Iterator[dict[str, Any]]:
+        """Progress lines of one layer; copies it into the blob store in chunks."""
+        status = f"pulling {digest[7:19]}"
+        blob = self._blob(digest)
+        if blob.is_file() or self._stored(digest) is not None:  # present: one line
+            yield {"status": status, "digest": digest, "total": size, "completed": size}
+            return
+        yield {"status": status, "digest": digest, "total": size}  # completed: 0, omitted
+        part = blob.with_name(blob.name + "-partial")
+        done = 0
+        with part.open("wb") as out:
+            if isinstance(content, Path):
+                with content.open("rb") as f:
+                    while chunk := f.read(8 << 20):
+                        out.write(chunk)
+                        done += len(chunk)
+                        yield {"status": status, "digest": digest, "total": size, "completed": done}
+            else:
+                out.write(content)
+                done = len(content)
+                yield {"status": status, "digest": digest, "total": size, "completed": done}
+        part.rename(blob)
+
+    def _blob(self, digest: str) -> Path:
+        return self._blobs / digest.replace(":", "-")
+
+    def _digest(self, path: Path) -> str:
+        """``sha256:<hex>`` of a file's content (hashed once per file version)."""
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._digests:
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+            self._digests[key] = "sha256:" + h.hexdigest()
+        return self._digests[key]
+
+    def _trained(self, name: str) -> int:
+        """The context the model's GGUF was trained for (its metadata)."""
+        path = str(self.models[name])
+        if path not in self._meta:
+            import llama_cpp
+
+            vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+            self._meta[path] = dict(vocab.metadata)
+            vocab.close()
+        meta = self._meta[path]
+        return int(meta.get(f"{meta.get('general.architecture')}.context_length") or self.n_ctx)
 
     def generate(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The messages of one ``/api/generate`` reply (the last has ``done: true``)."""
@@ -384,18 +546,26 @@ class OllamaLoopback:
         except Exception as e:
             raise _Fail(400, f"invalid JSON schema in format: {e}") from e
 
-    def _llama(self, name: str) -> tuple[Any, int]:
-        """The loaded model and the nanoseconds its loading took now (0: was loaded)."""
-        if name in self._loaded:
-            return self._loaded[name], 0
+    def _context(self, name: str, options: dict[str, Any]) -> int:
+        """The context the model runs with: num_ctx, else the default; at most trained."""
+        asked = int(options.get("num_ctx") or self.n_ctx)
+        return max(min(asked, self._trained(name)), 8)
+
+    def _llama(self, name: str, ctx: int) -> tuple[Any, int]:
+        """The loaded model and the nanoseconds its loading took now (0: was loaded).
+
+        A model loaded with another context is loaded again, as Ollama reloads it."""
+        if name in self._loaded and self._loaded[name][1] == ctx:
+            return self._loaded[name][0], 0
+        self._loaded.pop(name, None)
         import llama_cpp
 
         t0 = time.perf_counter_ns()
         llama = llama_cpp.Llama(
-            model_path=str(self.models[name]), n_ctx=self.n_ctx, n_threads=self.threads,
+            model_path=str(self.models[name]), n_ctx=ctx, n_threads=self.threads,
             n_threads_batch=self.threads, verbose=False,
         )  # fmt: skip
-        self._loaded[name] = llama
+        self._loaded[name] = (llama, ctx)
         return llama, time.perf_counter_ns() - t0
 
     def _run(
@@ -411,21 +581,30 @@ class OllamaLoopback:
         import llama_cpp
 
         start = time.perf_counter_ns()
-        llama, load_ns = self._llama(name)
+        ctx = self._context(name, options)
+        llama, load_ns = self._llama(name, ctx)
         tokens = llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        room = self.n_ctx - 1
-        if len(tokens) >= room:  # Ollama keeps num_keep tokens and the end of the prompt
-            keep = int(options.get("num_keep") or 1)
-            tokens = tokens[:keep] + tokens[-(room // 2 - keep) :]
+        # Ollama's runner: num_keep (default 4) plus the BOS token, at most num_ctx - 1.
+        keep = min(int(options.get("num_keep", 4)) + 1, ctx - 1)
+        if len(tokens) > ctx:  # cut to exactly num_ctx tokens, with no error
+            discard = len(tokens) - ctx
+            tokens = tokens[:keep] + tokens[keep + discard :]
+            self.log.append(f"truncating input prompt limit={ctx} keep={keep}")
+            del self.log[:-50]
+        self.reused.append(_common_prefix(llama, tokens))
+        del self.reused[:-50]
         limit = int(options.get("num_predict", -1))
         if limit < 0:
-            limit = self.n_ctx - len(tokens)
+            limit = ctx - len(tokens)
         seed = options.get("seed")
         llama.set_seed(int(seed) if seed is not None and seed >= 0 else random.randrange(2**31))
         stops = _Stops(options.get("stop") or [])
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        steps = llama.generate(
+        steps = _decode(
+            llama,
             tokens,
+            ctx,
+            keep,
             top_k=int(options.get("top_k", 40)),
             top_p=float(options.get("top_p", 0.9)),
             min_p=float(options.get("min_p", 0.0)),
@@ -482,6 +661,41 @@ class OllamaLoopback:
         if not raw:
             final["context"] = [int(t) for t in tokens] + generated
         yield final
+
+
+def _common_prefix(llama: Any, tokens: list[int]) -> int:
+    """Prompt tokens already in the model's KV cache (llama-cpp-python reuses them)."""
+    cached = list(llama._input_ids[: llama.n_tokens])
+    n = 0
+    for a, b in zip(cached, tokens, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _decode(llama: Any, tokens: list[int], ctx: int, keep: int, **sampling: Any) -> Iterator[int]:
+    """Tokens generated after ``tokens``, shifting the context as Ollama's runner does.
+
+    When the context is full, half of what follows the first ``keep`` tokens is
+    dropped and generation goes on (Ollama's ``shiftContext``); llama-cpp-python
+    evaluates the shifted window again where Ollama moves its KV cache.
+    """
+    window = list(tokens)
+    while True:
+        steps = llama.generate(list(window), **sampling)
+        try:
+            for token in steps:
+                yield token
+                window.append(token)
+                if len(window) >= ctx:
+                    discard = (len(window) - keep) // 2
+                    window = window[:keep] + window[keep + discard :]
+                    break
+            else:
+                return
+        finally:
+            steps.close()
 
 
 class _Stops:
@@ -568,6 +782,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"version": "0.12.0"})
         elif self.path == "/api/tags":
             self._json(200, self.app.tags())
+        elif self.path == "/api/ps":
+            self._json(200, self.app.ps())
         else:
             self._send(404, b"404 page not found", "text/plain; charset=utf-8")
 
@@ -587,10 +803,39 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, self.app.show(body))
             elif self.path == "/api/generate":
                 self._generate(body)
+            elif self.path == "/api/pull":
+                self._pull(body)
             else:
                 self._send(404, b"404 page not found", "text/plain; charset=utf-8")
         except _Fail as e:
             self._json(e.status, {"error": e.error})
+
+    def _pull(self, body: dict[str, Any]) -> None:
+        """``/api/pull``: NDJSON status lines; with ``"stream": false`` one object (and
+        HTTP 500 for an error), as Ollama's PullHandler answers."""
+        lines = self.app.pull(body)
+        first = next(lines)  # a bad name fails here, with its HTTP status
+        if body.get("stream") is False:
+            last = first
+            for last in _chain(first, lines):
+                if "error" in last:
+                    self._json(500, last)
+                    return
+            self._json(200, last)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for line in _chain(first, lines):
+                self._chunk(json.dumps(line).encode() + b"\n")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:  # the client went away; a later pull resumes
+            self.close_connection = True
+        finally:
+            lines.close()
 
     def _generate(self, body: dict[str, Any]) -> None:
         messages = self.app.generate(body)

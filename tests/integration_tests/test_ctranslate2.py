@@ -17,6 +17,7 @@ from ctranslate2.extensions import generator_generate_tokens
 from langchain_core.prompts import PromptTemplate
 
 from langchain_localllms import CTranslate2
+from langchain_localllms.errors import ContextOverflowError
 from tests.integration_tests.contract import PROMPT, PROMPTS, LLMContract
 
 SHORT = {"max_length": 16}  # sampling_topk=1 (the default) is greedy
@@ -70,7 +71,7 @@ class Spy:
 def spy(monkeypatch):
     def install(llm: CTranslate2) -> Spy:
         s = Spy(llm.client)
-        monkeypatch.setattr(llm._engine._handle, "generator", s)
+        monkeypatch.setattr(llm._engine.shared, "_box", [s])  # the Generator every call uses
         return s
 
     return install
@@ -522,7 +523,7 @@ def test_generator_kwargs(model_path):
 
 
 # ------------------------------------------------------------------ conversion
-def test_from_pretrained_converts_once_then_reuses(model_path, tmp_path, monkeypatch, capsys):
+def test_from_pretrained_converts_once_then_reuses(model_path, tmp_path, monkeypatch, caplog):
     from ctranslate2.converters import TransformersConverter
 
     monkeypatch.setenv("LOCALLLMS_CACHE", str(tmp_path))
@@ -535,10 +536,13 @@ def test_from_pretrained_converts_once_then_reuses(model_path, tmp_path, monkeyp
 
     monkeypatch.setattr(TransformersConverter, "convert", counting)
     hf = str(model_path("tiny-hf"))
+    caplog.set_level("INFO", logger="langchain_localllms")
     first = CTranslate2.from_pretrained(hf, quantization="int8", max_length=6)
-    assert "converting" in capsys.readouterr().err
+    assert "converting" in caplog.text  # logged; the bar shows on a terminal only
+    caplog.clear()
     second = CTranslate2.from_pretrained(hf, quantization="int8", max_length=6)
-    assert "using the CTranslate2 conversion" in capsys.readouterr().err
+    assert "using the CTranslate2 conversion" in caplog.text
+    assert "converting" not in caplog.text
     assert len(conversions) == 1
     assert first.model_path == second.model_path
     converted = tmp_path / "ct2"
@@ -559,6 +563,24 @@ def test_from_pretrained_converts_once_then_reuses(model_path, tmp_path, monkeyp
     assert not [p for p in converted.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(TypeError, match="model_path"):
         CTranslate2.from_pretrained(hf, model_path="x")
+
+
+def test_a_conversion_keeps_the_trained_context_and_longer_prompts_fail(
+    model_path, tmp_path, monkeypatch
+):
+    # CTranslate2's generator reads a prompt of any length; a converted model records
+    # the context it was trained for (the tiny model's is 1,024) so none is answered
+    # from positions the model never saw.
+    monkeypatch.setenv("LOCALLLMS_CACHE", str(tmp_path))
+    llm = CTranslate2.from_pretrained(str(model_path("tiny-hf")), max_length=4)
+    assert llm.model_info().context_length == 1024
+    long = "red " * 1100
+    with pytest.raises(ContextOverflowError, match="more than the 1024 the context holds") as e:
+        llm.invoke(long)
+    assert e.value.context == 1024
+    assert e.value.prompt_tokens > 1024
+    assert llm.invoke(long, max_input_length=0)  # 0: no limit, on request
+    assert llm.invoke("red " * 10)
 
 
 # ------------------------------------------------------------------ the seed page's flows
@@ -615,7 +637,11 @@ async def test_a_cancelled_abatch_stops_the_native_batch_at_the_next_step(gemma,
 
         return real(*args, callback=counting, **kwargs)
 
-    monkeypatch.setattr(gemma._engine._handle, "generator", types.SimpleNamespace(generate_batch=spy))
+    monkeypatch.setattr(
+        gemma._engine.shared,
+        "_box",
+        [types.SimpleNamespace(generate_batch=spy, model_is_loaded=True)],
+    )
     prompts = [f"Fact {i}: the moon" for i in range(8)]
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(gemma.abatch(prompts, max_length=400), 0.5)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pydantic
 import pytest
@@ -15,6 +16,7 @@ from langchain_core.callbacks import CallbackManager, StreamingStdOutCallbackHan
 import langchain_localllms._base as base
 from langchain_localllms import Grammar, LlamaCpp
 from langchain_localllms._native import native_thread
+from langchain_localllms.errors import ContextOverflowError
 from tests.integration_tests.contract import PROMPT, PROMPTS, LLMContract, Recorder
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0, "max_tokens": 16}
@@ -92,13 +94,19 @@ def test_schema_grammar_per_call_and_bound(gemma):
     person = Person.model_validate_json(out)
     assert person.name
     bound = gemma.bind(grammar=Grammar.from_pydantic(Person))
-    assert Person.model_validate_json(bound.invoke("Describe a person in JSON format:", max_tokens=64))
+    assert Person.model_validate_json(
+        bound.invoke("Describe a person in JSON format:", max_tokens=64)
+    )
 
 
 def test_list_grammar_from_file_gives_a_list_of_strings(model_path, tmp_path):
     f = tmp_path / "list.gbnf"
     f.write_text(Grammar.builtin("list").gbnf)
-    llm = LlamaCpp(model_path=str(model_path("gemma-gguf")), grammar_path=str(f), **{**GREEDY, "max_tokens": 256})
+    llm = LlamaCpp(
+        model_path=str(model_path("gemma-gguf")),
+        grammar_path=str(f),
+        **{**GREEDY, "max_tokens": 256},
+    )
     value = json.loads(llm.invoke("List of top-3 my favourite books:"))
     assert isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
 
@@ -248,3 +256,39 @@ async def test_a_cancelled_call_stops_within_one_step_and_frees_the_model(model_
     assert sum(evaluated) < total
     assert not native_thread("llamacpp").busy
     assert await llm.ainvoke(PROMPT) == expected  # nothing of the cut prompt is reused
+
+
+# ----------------------------------------------------------- context that fits the model
+LONG = "The quick brown fox jumps over the lazy dog. " * 300  # ~3,000 tokens
+
+
+def test_n_ctx_auto_takes_the_trained_context_and_fits_a_long_prompt(model_path):
+    path = str(model_path("gemma-gguf"))
+    small = LlamaCpp(model_path=path, max_tokens=4, temperature=0)
+    with pytest.raises(ContextOverflowError, match="n_ctx") as overflow:
+        small.invoke(LONG)
+    assert overflow.value.context == 2048 and overflow.value.prompt_tokens > 2048
+    small.close()
+    with LlamaCpp(model_path=path, n_ctx="auto", max_tokens=4, temperature=0) as auto:
+        assert auto.model_info().context_length == 32_768  # gemma3.context_length
+        assert auto.invoke(LONG)
+
+
+def test_n_ctx_auto_is_capped_by_the_memory_available(model_path, monkeypatch):
+    from langchain_localllms.runtimes import llamacpp as runtime
+
+    # Gemma-3-270M's KV cache: 18 layers x 1 KV head x (256 + 256) x 2 bytes = 18 KiB a token.
+    monkeypatch.setattr(runtime, "_available_memory", lambda: 200 * 2**20)
+    n_ctx, why = runtime.auto_context(Path(model_path("gemma-gguf")), kv_bytes=2)
+    assert n_ctx == (100 * 2**20 // (18 * 1024)) // 256 * 256  # half of it, in steps of 256
+    assert "32768" in why and "200 MB" in why
+    with LlamaCpp(model_path=str(model_path("gemma-gguf")), n_ctx="auto", max_tokens=2) as llm:
+        assert llm.model_info().context_length == n_ctx
+
+
+def test_n_ctx_auto_needs_the_trained_context_in_the_file(model_path, monkeypatch):
+    from langchain_localllms.runtimes import llamacpp as runtime
+
+    monkeypatch.setattr(runtime, "gguf_metadata", lambda path: {"general.architecture": "x"})
+    with pytest.raises(ValueError, match="x.context_length; give n_ctx as a number"):
+        LlamaCpp(model_path=str(model_path("gemma-gguf")), n_ctx="auto")

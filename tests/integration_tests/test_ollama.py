@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pydantic
 import pytest
@@ -13,6 +14,7 @@ from langchain_core.callbacks import CallbackManager, StreamingStdOutCallbackHan
 from langchain_localllms import Grammar, LlamaCpp, Ollama
 from langchain_localllms.errors import (
     BadRequestError,
+    ContextOverflowError,
     IncompleteResponseError,
     NotFoundError,
     ServerError,
@@ -43,7 +45,8 @@ class TestLoopbackContract(LLMContract):
         return gemma
 
     def test_batch_isolates_a_prompt_that_fails(self, llm, ollama):
-        # Ollama cuts an over-long prompt to num_ctx instead of failing it, so here the
+        # Ollama cuts an over-long prompt to num_ctx instead of failing it (this class
+        # then raises ContextOverflowError: the contract's overflow test), so here the
         # prompt that fails is one whose runner errors (the server's error line).
         one_at_a_time = llm.model_copy(update={"max_concurrency": 1})
         good = self.prompts[:2]
@@ -222,6 +225,165 @@ def test_seed_flow_streams_to_stdout(ollama, capsys):
     assert out in capsys.readouterr().out
 
 
+# ------------------------------------------------------------------------- pull
+@pytest.fixture(scope="module")
+def empty_ollama():
+    """A fresh Ollama with no model pulled, whose registry has Gemma as gemma3:270m."""
+    server = servers.OllamaLoopback({}, library={GEMMA: servers.gemma_gguf()})
+    yield server
+    server.stop()
+
+
+def test_pull_true_pulls_a_missing_model_with_progress_then_generates(empty_ollama, gemma):
+    events = []
+    llm = Ollama(
+        model=GEMMA, base_url=empty_ollama.url, pull=True, on_progress=events.append, **GREEDY
+    )
+    sent = [(r["method"], r["path"], r["body"]) for r in empty_ollama.requests[:2]]
+    assert sent == [
+        ("POST", "/api/show", {"model": GEMMA}),  # 404: not there
+        ("POST", "/api/pull", {"model": GEMMA, "stream": True}),
+    ]
+    assert events[0].status == "pulling manifest"
+    assert [e.status for e in events[-3:]] == [
+        "verifying sha256 digest",
+        "writing manifest",
+        "success",
+    ]
+    layers: dict[str, list] = {}
+    for event in events:
+        if event.digest:
+            layers.setdefault(event.digest, []).append(event)
+    weights = layers[max(layers, key=lambda d: layers[d][0].total)]
+    assert weights[0].total == servers.gemma_gguf().stat().st_size
+    assert len(weights) > 3  # the bytes as they arrived
+    done = [e.completed or 0 for e in weights]
+    assert done == sorted(done)
+    for digest, lines in layers.items():
+        assert {e.status for e in lines} == {f"pulling {digest[7:19]}"}
+        assert lines[-1].completed == lines[-1].total  # each layer complete at its end
+    assert llm.invoke(PROMPT) == gemma.invoke(PROMPT)  # the pulled model is Gemma
+
+
+async def test_pulling_a_model_again_finds_every_layer_present(empty_ollama):
+    llm = Ollama(model=GEMMA, base_url=empty_ollama.url, pull=True)  # pulled once at most
+    events = []
+    await llm.apull(on_progress=events.append, progress_bar=False)
+    layer_lines = [e for e in events if e.digest]
+    assert layer_lines
+    assert all(e.completed == e.total for e in layer_lines)
+    assert len(layer_lines) == len({e.digest for e in layer_lines})  # one line each
+    assert events[-1].done
+
+
+def test_a_name_the_registry_lacks_is_not_found(empty_ollama):
+    with pytest.raises(
+        NotFoundError,
+        match=r"could not pull 'no-such-model'.*file does not exist.*ollama\.com/library",
+    ):
+        Ollama(model="no-such-model", base_url=empty_ollama.url, pull=True)
+
+
+def test_without_pull_a_missing_model_is_an_error_at_first_use(empty_ollama):
+    before = len(empty_ollama.requests)
+    llm = Ollama(model="llama2", base_url=empty_ollama.url)
+    assert len(empty_ollama.requests) == before  # no request at construction
+    with pytest.raises(NotFoundError, match="run `ollama pull llama2`"):
+        llm.invoke("x")
+
+
+def test_validate_model_on_init(ollama):
+    with pytest.raises(
+        NotFoundError,
+        match=r"'llama2' is not in Ollama at .*`ollama pull llama2`.*pull=True.*"
+        r"models: gemma3:270m",
+    ):
+        Ollama(model="llama2", base_url=ollama.url, validate_model_on_init=True)
+    Ollama(model=GEMMA, base_url=ollama.url, validate_model_on_init=True)
+    assert (ollama.requests[-1]["path"], ollama.requests[-1]["body"]) == (
+        "/api/show",
+        {"model": GEMMA},
+    )
+
+
+# ---------------------------------------------------------------------- context
+LONG = " ".join(f"Item {i} is on the list." for i in range(40))  # ~300 tokens
+
+
+async def test_a_prompt_longer_than_num_ctx_is_an_error_not_a_silent_cut(gemma, ollama):
+    llm = gemma.model_copy(update={"num_ctx": 128, "num_predict": 4})
+    with pytest.raises(
+        ContextOverflowError, match=r"kept 128 tokens of a context of 128 .*truncate=True"
+    ) as e:
+        llm.invoke(LONG)
+    assert ollama.log[-1].startswith("truncating input prompt")  # the server cut it
+    assert e.value.context == 128
+    assert e.value.prompt_tokens == llm.get_num_tokens(LONG) > 128  # our own count
+    with pytest.raises(ContextOverflowError):
+        list(llm.stream(LONG))
+    with pytest.raises(ContextOverflowError):
+        await llm.ainvoke(LONG)
+
+
+def test_truncate_true_takes_ollamas_cut_with_a_warning(gemma):
+    llm = gemma.model_copy(update={"num_ctx": 128, "num_predict": 4, "truncate": True})
+    with pytest.warns(UserWarning, match="Ollama cut the prompt"):
+        gen = llm.generate([LONG]).generations[0][0]
+    assert gen.text
+    assert gen.generation_info["prompt_truncated"] is True
+    assert gen.generation_info["prompt_tokens"] == 128  # what Ollama kept
+    with pytest.warns(UserWarning, match="truncate=True"):
+        gemma.invoke(LONG, num_ctx=128, num_predict=4, truncate=True)  # per call
+
+
+def test_no_false_alarm_when_ollama_reuses_its_cache(gemma, ollama):
+    llm = gemma.model_copy(update={"num_ctx": 128, "num_predict": 4})
+    fits = " ".join(f"Item {i} is on the list." for i in range(12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = llm.generate([fits]).generations[0][0]
+        again = llm.generate([fits]).generations[0][0]
+    counted = first.generation_info["prompt_tokens"]
+    assert ollama.reused[-1] == counted  # the second time the prompt came from the cache
+    assert again.generation_info["prompt_tokens"] == counted < 127  # counted whole
+    assert again.text == first.text
+
+
+def test_with_num_ctx_unset_the_servers_own_context_is_checked(ollama):
+    # ollama#6286: the server's default context cuts long prompts; asked via /api/ps.
+    llm = Ollama(model=GEMMA, base_url=ollama.url, num_predict=1)
+    with pytest.raises(ContextOverflowError, match="context of 2048") as e:
+        llm.invoke("word " * 2100)
+    assert e.value.context == ollama.n_ctx == 2048
+    assert ("GET", "/api/ps") in [(r["method"], r["path"]) for r in ollama.requests[-3:]]
+
+
+def test_num_ctx_auto_is_the_trained_context(ollama):
+    llm = Ollama(model=GEMMA, base_url=ollama.url, num_ctx="auto", **GREEDY)
+    assert llm.model_info().context_length == 32768  # gemma3.context_length of the GGUF
+    assert llm.invoke(PROMPT)
+    assert ollama.requests[-1]["body"]["options"]["num_ctx"] == 32768
+    assert ollama.ps()["models"][0]["context_length"] == 32768
+
+
+def test_model_info_reports_the_context_the_server_runs(gemma):
+    gemma.invoke(PROMPT)
+    assert gemma.model_info().context_length == 2048  # the server's default, from /api/ps
+    assert gemma.model_copy(update={"num_ctx": 512}).model_info().context_length == 512
+
+
+async def test_unload_frees_the_model_now(gemma, ollama):
+    gemma.invoke(PROMPT)
+    assert GEMMA in ollama._loaded
+    gemma.unload()
+    assert ollama.requests[-1]["body"] == {"model": GEMMA, "keep_alive": 0}
+    assert GEMMA not in ollama._loaded
+    assert ollama.ps() == {"models": []}
+    assert gemma.invoke(PROMPT)  # loads again
+    await gemma.aunload()
+    assert GEMMA not in ollama._loaded
+
+
 # ----------------------------------------------------------------- a real Ollama
 REAL_URL = os.environ.get("OLLAMA_BASE_URL")
 REAL_MODEL = os.environ.get("OLLAMA_MODEL", "llama3.2")
@@ -256,6 +418,14 @@ def test_real_ollama_unknown_model():
 @real
 def test_real_ollama_model_info():
     assert "template" in Ollama(model=REAL_MODEL, base_url=REAL_URL).get_model_info()
+
+
+@real
+def test_real_ollama_cut_prompt_is_an_error_and_unload_works():
+    llm = Ollama(model=REAL_MODEL, base_url=REAL_URL, num_ctx=256, num_predict=4)
+    with pytest.raises(ContextOverflowError, match="context of 256"):
+        llm.invoke(LONG * 2)
+    llm.unload()  # (a pull needs Ollama's registry, over the internet: not tested here)
 
 
 def test_tokens_are_counted_offline_with_the_models_own_vocabulary(gemma, model_path):

@@ -14,7 +14,8 @@ import pytest
 from langchain_core.prompts import PromptTemplate
 
 from langchain_localllms import Grammar, HuggingFacePipeline
-from tests.integration_tests.contract import LLMContract
+from langchain_localllms.errors import ClosedError
+from tests.integration_tests.contract import LLMContract, rss_mb
 
 pytest.importorskip("optimum.intel", reason="run in .venv-openvino (make test does)")
 
@@ -78,14 +79,16 @@ def test_int8_weights_load_and_answer(model_path, gemma, capsys):
         print(f"\n[openvino] int8 vs float32, first {same} of {len(b)} characters equal: {a!r} / {b!r}")
 
 
-def test_export_once_then_reuse(model_path, tmp_path, monkeypatch, capfd):
+def test_export_once_then_reuse(model_path, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LOCALLLMS_CACHE", str(tmp_path))
+    caplog.set_level("INFO", logger="langchain_localllms")
     first = ov(model_path("tiny-hf"), model_kwargs={"weight_format": "int8"})
-    assert "exporting" in capfd.readouterr().err
+    assert "exporting" in caplog.text  # logged; the bar shows on a terminal only
+    caplog.clear()
     exported = list((tmp_path / "openvino").iterdir())
     assert len(exported) == 1 and (exported[0] / "openvino_model.xml").is_file()
     again = ov(model_path("tiny-hf"), model_kwargs={"weight_format": "int8"})
-    assert "exporting" not in capfd.readouterr().err
+    assert "exporting" not in caplog.text
     assert again.invoke(TINY_PROMPTS[0]) == first.invoke(TINY_PROMPTS[0])
 
 
@@ -122,3 +125,17 @@ def test_bad_openvino_settings(model_path):
         ov(model_path("tiny-ov"), model_kwargs={"weight_format": "int8"})
     with pytest.raises(ValueError, match="device"):
         ov(model_path("tiny-ov"), model_kwargs={"device": "NPU9"})
+
+
+def test_close_gives_the_memory_back(model_path):
+    ov(model_path("gemma-ov")).close()  # OpenVINO's code is imported: not counted
+    before = rss_mb()
+    llm = ov(model_path("gemma-ov"))
+    assert llm.invoke("The capital of France is")
+    loaded = rss_mb()
+    llm.close()
+    after = rss_mb()
+    assert loaded - before > 100
+    assert loaded - after >= 0.6 * (loaded - before), (before, loaded, after)
+    with pytest.raises(ClosedError):
+        llm.invoke("The capital of France is")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
-import resource
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ import pytest
 
 import modelkit
 from langchain_localllms import GPT4All, Grammar, LlamaCpp
+from tests.integration_tests.contract import rss_mb
 
 
 @dataclass(frozen=True)
@@ -160,21 +160,16 @@ def test_native_failure_is_an_exception_not_a_crash(name: str) -> None:
 
 
 # ------------------------------------------------------------------ memory
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def test_rss_stays_bounded_over_300_invokes(capsys) -> None:
     llm = LlamaCpp(model_path=tiny(), n_ctx=512, temperature=0, max_tokens=8)
     for _ in range(20):  # warm-up: allocator pools, caches
         llm.invoke("Red cat and blue dog")
     gc.collect()
-    before = _rss_mb()
+    before = rss_mb()
     for i in range(300):
         llm.invoke(f"Red cat and blue dog {i}")
     gc.collect()
-    growth = _rss_mb() - before
+    growth = rss_mb() - before
     with capsys.disabled():
         print(f"\n[reliability] RSS growth over 300 LlamaCpp invokes: {growth:+.1f} MB")
     assert growth < 30, f"RSS grew {growth:.1f} MB over 300 calls"

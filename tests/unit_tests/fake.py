@@ -26,7 +26,7 @@ class ScriptedLLM(LocalLLM):
     _call_fields: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature")
     _call_only: ClassVar[tuple[str, ...]] = ("grammar",)
 
-    closed: ClassVar[list[bool]] = []
+    streams_closed: ClassVar[list[bool]] = []
     produced: ClassVar[list[str]] = []
     lock: ClassVar[threading.Lock] = threading.Lock()
 
@@ -53,7 +53,7 @@ class ScriptedLLM(LocalLLM):
                 tally.completion_tokens += 1
                 yield piece
         finally:
-            self.closed.append(True)
+            self.streams_closed.append(True)
 
 
     def _check(self, prompt: str) -> None:
@@ -80,6 +80,6 @@ class BatchingLLM(ScriptedLLM):
 
 
 def scripted(**kw: Any) -> ScriptedLLM:
-    ScriptedLLM.closed.clear()
+    ScriptedLLM.streams_closed.clear()
     ScriptedLLM.produced.clear()
     return ScriptedLLM(**kw)

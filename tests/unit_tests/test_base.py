@@ -53,7 +53,7 @@ def test_stop_across_pieces_reports_stop_and_closes_the_runtime():
     assert gen.text == "Hello,"
     assert gen.generation_info["finish_reason"] == "stop"
     assert gen.generation_info["stop_sequence"] == " world"
-    assert ScriptedLLM.closed == [True]
+    assert ScriptedLLM.streams_closed == [True]
     assert "!" not in ScriptedLLM.produced  # decoding ended at the stop
 
 
@@ -140,7 +140,7 @@ async def test_abandoned_async_stream_stops_the_runtime():
         break
     await agen.aclose()
     await asyncio.sleep(0.1)
-    assert ScriptedLLM.closed == [True]
+    assert ScriptedLLM.streams_closed == [True]
     assert len(ScriptedLLM.produced) < 10
 
 
@@ -149,7 +149,7 @@ def test_abandoned_sync_stream_stops_the_runtime():
     it = llm.stream("x")
     next(it)
     it.close()
-    assert ScriptedLLM.closed == [True]
+    assert ScriptedLLM.streams_closed == [True]
     assert len(ScriptedLLM.produced) < 5
 
 
@@ -172,7 +172,7 @@ def test_with_grammar_binds_and_parses():
             seen["grammar"] = call.params.get("grammar")
             yield from super()._pieces(prompt, call, tally)
 
-    ScriptedLLM.closed.clear()
+    ScriptedLLM.streams_closed.clear()
     llm = Capture(pieces=['{"name": "Ada", ', '"age": 36}'])
     person = llm.with_grammar(Person).invoke("Describe a person")
     assert person == Person(name="Ada", age=36)

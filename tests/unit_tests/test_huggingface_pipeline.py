@@ -206,7 +206,7 @@ def test_an_uncached_hub_id_fails_at_once_when_the_hub_is_unreachable(tmp_path, 
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(FileNotFoundError, match=r"not reachable.*--local-dir"):
+    with pytest.raises(FileNotFoundError, match=r"not reachable.*hf download someone/some-model"):
         hp.resolve_model_source("someone/some-model", cache_dir=str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
@@ -221,10 +221,12 @@ def test_a_cached_hub_id_loads_offline(tmp_path):
     snapshot = tmp_path / "models--someone--some-model" / "snapshots" / "abc"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"")
     refs = tmp_path / "models--someone--some-model" / "refs"
     refs.mkdir()
     (refs / "main").write_text("abc")
+    # The snapshot directory loads (its commit in the path, so in the cache key).
     assert hp.resolve_model_source("someone/some-model", cache_dir=str(tmp_path)) == (
-        "someone/some-model",
+        str(snapshot),
         True,
     )

@@ -18,6 +18,7 @@ from pydantic import PrivateAttr
 
 from langchain_localllms import _native
 from langchain_localllms._native import SharedModel
+from langchain_localllms.errors import ClosedError
 from langchain_localllms.runtimes import llamacpp
 from tests.unit_tests.fake import ScriptedLLM
 
@@ -92,7 +93,9 @@ def test_every_model_of_a_runtime_runs_on_one_thread_whatever_the_caller():
         emit(0)
 
     list(a.stream(where))
-    t = threading.Thread(target=lambda: (list(b.stream(where)), seen.append(b.run(threading.get_ident))))
+    t = threading.Thread(
+        target=lambda: (list(b.stream(where)), seen.append(b.run(threading.get_ident)))
+    )
     t.start()
     t.join(20)
     assert len(seen) == 3 and len(set(seen)) == 1 and seen[0] != threading.get_ident()
@@ -115,6 +118,68 @@ def test_model_is_closed_once_when_the_last_holder_goes():
     assert closed == []
     holder.clear()
     assert closed == [1]
+
+
+def test_close_frees_at_once_when_idle_and_refuses_later_use():
+    freed = []
+    shared = SharedModel(
+        object(),
+        lambda: freed.append(1),
+        runtime="t-close",
+        name="test model",
+        parts={"tokenizer": "tok"},
+    )
+    assert shared.part("tokenizer") == "tok"
+    shared.close()
+    assert freed == [1]
+    assert shared.closed
+    for use in (lambda: shared.model, lambda: shared.part("tokenizer"), shared.use().__enter__):
+        with pytest.raises(ClosedError, match="this test model was closed"):
+            use()
+    shared.close()
+    assert freed == [1]  # once
+
+
+def test_close_during_a_use_frees_when_the_last_use_ends():
+    freed = []
+    model = object()
+    shared = SharedModel(model, lambda: freed.append(1), runtime="t-close", parts={"p": 1})
+    with shared.use() as a, shared.use() as b:
+        assert a is b is model
+        shared.close()
+        assert freed == []  # still in use: nothing is freed under a running call
+        assert shared.part("p") == 1  # what the running call needs is still there
+        with pytest.raises(ClosedError):
+            shared.use().__enter__()  # but no new call starts
+    assert freed == [1]
+
+
+class Owned(ScriptedLLM):
+    """Stands for a runtime whose engine frees native memory at close()."""
+
+    _engine: Any = PrivateAttr(default=None)
+
+    def _setup(self) -> None:
+        self._engine = types.SimpleNamespace(closes=[])
+        self._engine.close = lambda: self._engine.closes.append(1)
+
+
+def test_close_reaches_the_engine_once_and_copies_and_cache_hits_refuse():
+    from langchain_core.caches import InMemoryCache
+
+    llm = Owned(pieces=["a"], cache=InMemoryCache())
+    assert llm.invoke("x") == "a"
+    twin, deep = llm.model_copy(), copy.deepcopy(llm)
+    with llm:
+        pass
+    llm.close()
+    assert llm._engine.closes == [1]
+    assert llm.closed and twin.closed and deep.closed
+    for use in (lambda: llm.invoke("x"), lambda: twin.batch(["x"]), lambda: list(deep.stream("x"))):
+        with pytest.raises(ClosedError, match="this Owned was closed"):
+            use()  # "x" is in the cache: a closed instance refuses even a cache hit
+    rebuilt = pickle.loads(pickle.dumps(llm))  # settings only: a new load, open
+    assert not rebuilt.closed and rebuilt.invoke("y") == "a"
 
 
 # ------------------------------------------------------------------ copies
@@ -164,7 +229,9 @@ def fake_llama_cpp(info: bytes):
         (b"CPU : AVX2 = 1 | AVX512 = 1 | ", True, False),
     ],
 )
-def test_amx_build_on_amx_cpu_warns_once_with_the_rebuild_command(monkeypatch, info, cpu_amx, warns):
+def test_amx_build_on_amx_cpu_warns_once_with_the_rebuild_command(
+    monkeypatch, info, cpu_amx, warns
+):
     monkeypatch.setattr(llamacpp, "_AMX_CHECKED", False)
     monkeypatch.setattr(llamacpp, "cpu_has_amx", lambda: cpu_amx)
     with warnings.catch_warnings(record=True) as seen:
@@ -186,7 +253,9 @@ def test_a_build_that_crashes_fails_the_step_naming_cause_and_fix(tmp_path, monk
 
     # A stand-in interpreter that dies as the AMX kernels do on the first decode.
     crash = tmp_path / "python"
-    crash.write_text(f"#!{sys.executable}\nimport os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    crash.write_text(
+        f"#!{sys.executable}\nimport os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+    )
     crash.chmod(crash.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(native, "_gguf", lambda: tmp_path / "model.gguf")
     for amx, fix in (("1", "unset LOCALLLMS_AMX"), ("", "GGML_NATIVE=OFF")):

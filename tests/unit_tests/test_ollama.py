@@ -13,8 +13,17 @@ import pytest
 from langchain_core.load import dumpd
 
 import langchain_localllms._base as base
+import langchain_localllms.llms.ollama as ollama_module
 from langchain_localllms import Grammar, Ollama
-from langchain_localllms.errors import IncompleteResponseError, NotFoundError, ServerError
+from langchain_localllms._http import Endpoint
+from langchain_localllms.errors import (
+    BadRequestError,
+    ContextOverflowError,
+    IncompleteResponseError,
+    NotFoundError,
+    ServerError,
+)
+from langchain_localllms.llms.ollama import PullProgress
 from tests.unit_tests.wire import (
     Chunks,
     FakeServer,
@@ -379,3 +388,355 @@ def test_identity_and_langsmith_params():
     params = Ollama(model="llama2", temperature=0.3, num_predict=12)._get_ls_params()
     assert (params["ls_provider"], params["ls_model_name"]) == ("ollama", "llama2")
     assert (params["ls_temperature"], params["ls_max_tokens"]) == (0.3, 12)
+
+
+# ----------------------------------------------------------- pull, context, unload
+SHOW = {
+    "modelfile": "FROM /nowhere/llama2.gguf\n",
+    "parameters": 'stop                           "</s>"',
+    "template": "{{ .Prompt }}",
+    "details": {"family": "llama"},
+    "model_info": {"general.architecture": "llama", "llama.context_length": 8192},
+}
+NOT_FOUND = json_reply({"error": "model 'llama2' not found"}, 404)
+
+
+def route(**replies):
+    """A reply for each route (``show`` for /api/show, ...); a list is played in order,
+    its last reply repeating."""
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        chosen = replies[request.url.path.rsplit("/", 1)[-1]]
+        if isinstance(chosen, list):
+            chosen = chosen.pop(0) if len(chosen) > 1 else chosen[0]
+        return chosen(request)
+
+    return reply
+
+
+def paths(fake):
+    return [(r.method, r.url.path) for r in fake.requests]
+
+
+def final(prompt_eval_count, **more):
+    return body_reply(
+        lines(
+            {"response": "Hi", "done": False},
+            {**DONE, "prompt_eval_count": prompt_eval_count, **more},
+        ),
+        "application/x-ndjson",
+    )
+
+
+class Bar:
+    """Records what a tqdm bar is told."""
+
+    made: list[Bar] = []
+
+    def __init__(self, desc, *, total=None, unit="it"):
+        self.desc, self.total, self.unit, self.n, self.closed = desc, total, unit, 0, False
+        Bar.made.append(self)
+
+    def update(self, n):
+        self.n += n
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    Bar.made = []
+    monkeypatch.setattr(ollama_module, "progress_bar", Bar)
+    return Bar.made
+
+
+def test_pull_streams_each_status_line_to_the_callback_and_a_bar_per_layer(bars):
+    fake = FakeServer(ndjson("ollama_pull_stream.ndjson", chunk=23))
+    events = []
+    make(fake).pull(on_progress=events.append)
+    assert paths(fake) == [("POST", "/api/pull")]
+    assert fake.body == {"model": "llama2", "stream": True}
+    assert events == [PullProgress.from_message(json.loads(line)) for line in read(
+        "ollama_pull_stream.ndjson").splitlines()]  # fmt: skip
+    assert (events[1].total, events[1].completed) == (841114235, None)  # none arrived yet
+    assert events[4].completed == 838860800  # the server's numbers, as they came
+    assert events[-1].done
+    assert not events[-2].done
+    assert [(b.desc, b.total, b.unit) for b in bars] == [
+        ("pulling 8d32a80bb199", 841114235, "B"),
+        ("pulling 2409643934fa", 318, "B"),
+    ]
+    assert all(b.closed and b.n == b.total for b in bars)  # complete once the next step began
+
+
+def test_pull_takes_the_callback_field_and_can_hide_its_bars(bars):
+    events = []
+    fake = FakeServer(ndjson("ollama_pull_stream.ndjson"))
+    llm = make(fake, on_progress=events.append, timeout=5)
+    llm.pull(progress_bar=False)
+    assert len(events) == 9
+    assert bars == []
+    # Ollama is silent while it verifies a large model: a pull has no read timeout
+    assert fake.requests[0].extensions["timeout"]["read"] is None
+
+
+def test_a_pull_that_fails_says_why_and_closes_its_bars(bars):
+    fake = FakeServer(ndjson("ollama_pull_error.ndjson"))
+    with pytest.raises(
+        NotFoundError,
+        match=r"could not pull 'llama2': pull model manifest: file does not exist.*"
+        r"ollama\.com/library",
+    ):
+        make(fake).pull()
+    cut = FakeServer(
+        body_reply(read("ollama_pull_stream.ndjson")[:400], "application/x-ndjson", cut=True)
+    )
+    with pytest.raises(IncompleteResponseError, match="pull again: Ollama resumes"):
+        make(cut).pull()
+    assert bars
+    assert all(b.closed for b in bars)
+    assert bars[0].n < bars[0].total  # an unfinished layer is not shown as complete
+    with pytest.raises(BadRequestError, match="invalid model name"):
+        make(FakeServer(json_reply({"error": "invalid model name"}, 400))).pull()
+    with pytest.raises(
+        ServerError, match=r"pulling 'llama2' into Ollama .* failed: write: no space"
+    ):
+        make(
+            FakeServer(
+                body_reply(
+                    lines(
+                        {"status": "pulling manifest"}, {"error": "write: no space left on device"}
+                    ),
+                    "application/x-ndjson",
+                )
+            )
+        ).pull()
+
+
+async def test_apull_is_the_async_form(bars):
+    events = []
+    await make(FakeServer(ndjson("ollama_pull_stream.ndjson", chunk=31))).apull(
+        on_progress=events.append
+    )
+    assert [e.status for e in events][-3:] == [
+        "verifying sha256 digest",
+        "writing manifest",
+        "success",
+    ]
+    assert len(bars) == 2
+    with pytest.raises(NotFoundError, match="file does not exist"):
+        await make(FakeServer(ndjson("ollama_pull_error.ndjson"))).apull()
+
+
+def test_pull_true_pulls_at_construction_only_what_is_missing(bars):
+    fake = FakeServer(
+        route(show=[NOT_FOUND, json_reply(SHOW)], pull=ndjson("ollama_pull_stream.ndjson"))
+    )
+    events = []
+    make(fake, pull=True, on_progress=events.append)
+    assert paths(fake) == [("POST", "/api/show"), ("POST", "/api/pull")]
+    assert events[-1].done
+    there = FakeServer(json_reply(SHOW))
+    llm = make(there, pull=True)
+    assert paths(there) == [("POST", "/api/show")]  # present: nothing pulled
+    assert llm.pull_if_missing is True
+    nothing = FakeServer(NOT_FOUND)
+    make(nothing)
+    assert nothing.requests == []  # without pull or validate_model_on_init: no request
+
+
+def test_validate_model_on_init_names_the_local_models_and_the_fix():
+    tags = {"models": [{"name": "mistral:latest"}, {"name": "phi3:mini"}]}
+    fake = FakeServer(route(show=NOT_FOUND, tags=json_reply(tags)))
+    with pytest.raises(
+        NotFoundError,
+        match=r"'llama2' is not in Ollama at http://localhost:11434 .*run `ollama pull llama2`, "
+        r"or pass pull=True.*Its models: mistral:latest, phi3:mini\.",
+    ):
+        make(fake, validate_model_on_init=True)
+    make(FakeServer(json_reply(SHOW)), validate_model_on_init=True)
+    with pytest.raises(NotFoundError, match="no Ollama API"):  # a 404 from another server
+        make(FakeServer(text_reply("404 page not found", 404)), validate_model_on_init=True)
+
+
+# ------------------------------------------------------------------- truncation
+def test_overflowed_reads_prompt_eval_count_against_the_context():
+    assert ollama_module.overflowed(2048, 2048)  # Ollama's Go runner cuts to num_ctx
+    assert ollama_module.overflowed(2047, 2048)  # its llama-server runner, to num_ctx - 1
+    assert not ollama_module.overflowed(2046, 2048)
+    assert not ollama_module.overflowed(0, 2048)  # no count (a cached prompt, Ollama 0.1)
+
+
+@pytest.mark.parametrize("counted", [128, 127])
+def test_a_prompt_ollama_cut_is_an_error(counted):
+    fake = FakeServer(final(counted))
+    with pytest.raises(
+        ContextOverflowError, match=rf"kept {counted} tokens of a context of 128 \(num_ctx\)"
+    ) as e:
+        make(fake, num_ctx=128).invoke("x")
+    assert (e.value.context, e.value.prompt_tokens) == (128, counted)
+    assert "truncate=True" in str(e.value)
+    assert "Raise num_ctx" in str(e.value)
+    assert paths(fake)[0] == ("POST", "/api/generate")
+
+
+async def test_the_check_runs_streamed_and_async_too():
+    llm = make(FakeServer(final(64)), num_ctx=64)
+    with pytest.raises(ContextOverflowError):
+        list(llm.stream("x"))
+    with pytest.raises(ContextOverflowError):
+        await llm.ainvoke("x")
+    with pytest.raises(ContextOverflowError):
+        make(
+            FakeServer(
+                body_reply(
+                    json.dumps({**DONE, "response": "Hi", "prompt_eval_count": 64}).encode(),
+                    "application/json",
+                )
+            ),
+            num_ctx=64,
+            streaming=False,
+        ).invoke("x")
+
+
+def test_truncate_true_warns_and_marks_the_answer():
+    llm = make(FakeServer(final(128)), num_ctx=128, truncate=True)
+    with pytest.warns(UserWarning, match=r"Ollama cut the prompt.*\(truncate=True\)"):
+        gen = llm.generate(["x"]).generations[0][0]
+    assert gen.text == "Hi"
+    assert gen.generation_info["prompt_truncated"] is True
+    with pytest.warns(UserWarning, match="Ollama cut the prompt"):
+        make(FakeServer(final(128)), num_ctx=128).invoke("x", truncate=True)  # per call
+    assert llm._identifying_params != make(FakeServer(final(1)), num_ctx=128)._identifying_params
+
+
+@pytest.mark.parametrize("counted", [None, 0, 1, 100])
+def test_no_alarm_for_a_prompt_that_fits_or_a_count_from_the_cache(counted):
+    # Ollama 0.1 counted only the tokens it evaluated anew (or sent no count) for a
+    # cached prompt: a low count is never taken for a cut.
+    done = {k: v for k, v in DONE.items() if k != "prompt_eval_count"}
+    if counted is not None:
+        done["prompt_eval_count"] = counted
+    fake = FakeServer(
+        body_reply(lines({"response": "Hi", "done": False}, done), "application/x-ndjson")
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make(fake, num_ctx=128).invoke("x") == "Hi"
+    assert paths(fake) == [("POST", "/api/generate")]
+
+
+def test_with_num_ctx_unset_the_context_the_server_runs_is_asked_once():
+    ps = {"models": [{"name": "llama2:latest", "model": "llama2:latest", "context_length": 4096}]}
+    fake = FakeServer(route(generate=final(4096), ps=json_reply(ps), show=json_reply(SHOW)))
+    llm = make(fake)
+    with pytest.raises(ContextOverflowError, match="context of 4096") as e:
+        llm.invoke("x")
+    assert e.value.context == 4096
+    with pytest.raises(ContextOverflowError):
+        llm.invoke("x")
+    assert paths(fake).count(("GET", "/api/ps")) == 1  # asked once per instance
+    # a short prompt never costs the question
+    short = FakeServer(
+        route(generate=final(ollama_module.SERVED_CONTEXT_FLOOR - 1), ps=json_reply(ps))
+    )
+    make(short).invoke("x")
+    assert paths(short) == [("POST", "/api/generate")]
+
+
+def test_without_api_ps_the_modelfile_num_ctx_or_the_trained_context_is_the_bound():
+    old_ps = {"models": [{"name": "llama2:latest"}]}  # Ollama before 0.11: no context_length
+    modelfile = {**SHOW, "parameters": 'num_ctx                        2048\nstop "</s>"'}
+    fake = FakeServer(
+        route(generate=final(2048), ps=json_reply(old_ps), show=json_reply(modelfile))
+    )
+    with pytest.raises(ContextOverflowError, match="context of 2048"):
+        make(fake).invoke("x")
+    trained = FakeServer(
+        route(generate=final(8192), ps=text_reply("404 page not found", 404), show=json_reply(SHOW))
+    )
+    with pytest.raises(ContextOverflowError, match="context of 8192"):
+        make(trained).invoke("x")
+    silent = FakeServer(
+        route(generate=final(5000), ps=json_reply({"models": []}), show=json_reply({}))
+    )
+    assert make(silent).invoke("x") == "Hi"  # the server tells nothing: nothing to check
+
+
+def test_context_helpers_read_ollamas_replies():
+    assert ollama_module._trained_context(SHOW) == 8192
+    assert ollama_module._trained_context({"model_info": {"qwen2.context_length": 32768}}) == 32768
+    assert ollama_module._trained_context({}) is None
+    assert ollama_module._modelfile_context({"parameters": "num_keep 24\nnum_ctx  4096"}) == 4096
+    assert ollama_module._modelfile_context(SHOW) is None
+    ps = {"models": [{"name": "llama2:latest", "context_length": 4096}, {"name": "x:1"}]}
+    assert ollama_module._served_context(ps, "llama2") == 4096  # name:latest
+    assert ollama_module._served_context(ps, "llama2:13b") is None
+    assert ollama_module._served_context({"models": None}, "llama2") is None
+
+
+# ----------------------------------------------------------------- num_ctx="auto"
+def test_num_ctx_auto_sends_the_trained_context_asked_once():
+    fake = FakeServer(
+        route(show=json_reply(SHOW), generate=ndjson("ollama_generate_stream.ndjson"))
+    )
+    llm = make(fake, num_ctx="auto")
+    assert fake.requests == []  # asked at the first call, not at construction
+    llm.invoke("x")
+    llm.invoke("y")
+    assert paths(fake) == [
+        ("POST", "/api/show"),
+        ("POST", "/api/generate"),
+        ("POST", "/api/generate"),
+    ]
+    assert fake.bodies[1]["options"]["num_ctx"] == 8192
+    assert llm.model_info().context_length == 8192
+    assert llm._identifying_params["num_ctx"] == "auto"
+
+
+async def test_num_ctx_auto_never_blocks_the_event_loop(monkeypatch):
+    fake = FakeServer(
+        route(show=json_reply(SHOW), generate=ndjson("ollama_generate_stream.ndjson"))
+    )
+
+    def sync_request(*a, **k):
+        raise AssertionError("a blocking request on the event loop")
+
+    monkeypatch.setattr(Endpoint, "request_json", sync_request)
+    assert await make(fake, num_ctx="auto").ainvoke("x") == " Neil Armstrong."
+    assert fake.bodies[-1]["options"]["num_ctx"] == 8192
+
+
+def test_num_ctx_auto_without_a_trained_context_says_so():
+    fake = FakeServer(
+        route(show=json_reply({"model_info": {}}), generate=ndjson("ollama_generate_stream.ndjson"))
+    )
+    with pytest.raises(ValueError, match="num_ctx='auto' needs the context"):
+        make(fake, num_ctx="auto").invoke("x")
+
+
+def test_model_info_context_length():
+    ps = {"models": [{"name": "llama2:latest", "context_length": 4096}]}
+    fake = FakeServer(route(show=json_reply(SHOW), ps=json_reply(ps)))
+    assert make(fake).model_info().context_length == 4096  # what the server runs
+    assert make(fake, num_ctx=1024).model_info().context_length == 1024
+    llm = make(fake, num_ctx=100_000)
+    llm._info()
+    assert llm.model_info().context_length == 8192  # Ollama caps num_ctx at the trained one
+    nothing = FakeServer(route(show=json_reply(SHOW), ps=json_reply({"models": []})))
+    assert make(nothing).model_info().context_length is None
+
+
+# ------------------------------------------------------------------------- unload
+async def test_unload_asks_ollama_to_free_the_model():
+    reply = {"model": "llama2", "created_at": "2024-09-12T03:54:03.516566Z", "response": "",
+             "done": True, "done_reason": "unload"}  # fmt: skip
+    fake = FakeServer(json_reply(reply))
+    llm = make(fake)
+    llm.unload()
+    await llm.aunload()
+    assert paths(fake) == [("POST", "/api/generate")] * 2
+    assert fake.bodies == [{"model": "llama2", "keep_alive": 0}] * 2
+    with pytest.raises(NotFoundError, match="ollama pull llama2"):
+        make(FakeServer(NOT_FOUND)).unload()

@@ -24,6 +24,7 @@ from langchain_localllms._detok import CONTEXT_TOKENS, IncrementalDetokenizer
 from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel, current_cancel
 from langchain_localllms._usage import Tally
+from langchain_localllms.errors import ContextOverflowError
 from langchain_localllms.grammars import Grammar, gbnf_for_xgrammar
 from langchain_localllms.runtimes.huggingface.options import Settings
 
@@ -130,16 +131,36 @@ class HFEngine:
     """
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
         self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         self.tok_lock = threading.RLock()
-        self.shared = SharedModel(model, None, runtime="huggingface")
+        name = getattr(model, "name_or_path", None) or type(model).__name__
+        self.shared = SharedModel(
+            model,
+            None,
+            runtime="huggingface",
+            name=f"model {name}",
+            parts={"tokenizer": tokenizer},
+        )
         self._grammars: dict[str, Any] = {}
+
+    @property
+    def model(self) -> Any:
+        """The transformers (or optimum-intel) model; ClosedError once closed."""
+        return self.shared.model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer; ClosedError once closed."""
+        return self.shared.part("tokenizer")
+
+    def close(self) -> None:
+        """Free the model and tokenizer, at once or when the running calls end."""
+        self.shared.close()
+        self._grammars.clear()
 
     def token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in this model's vocabulary (no special tokens)."""
-        with self.tok_lock:
+        with self.shared.use(), self.tok_lock:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def compiled(self, g: Grammar) -> Any:
@@ -191,6 +212,12 @@ class HFEngine:
         self, prompt: str, settings: Settings, stops: list[str], tally: Tally
     ) -> Iterator[str]:
         """Generate for one prompt, piece by piece (a worker thread runs ``generate``)."""
+        with self.shared.use():
+            yield from self._pieces(prompt, settings, stops, tally)
+
+    def _pieces(
+        self, prompt: str, settings: Settings, stops: list[str], tally: Tally
+    ) -> Iterator[str]:
         job = _Job(self, [prompt], settings, stops)
         tally.prompt_tokens = job.prompt_tokens[0]
         if settings.echo:
@@ -228,6 +255,12 @@ class HFEngine:
         self, prompts: list[str], settings: Settings, stops: list[str], per_call: int
     ) -> list[Row]:
         """Generate for many prompts, ``per_call`` of them in each ``generate`` call."""
+        with self.shared.use():
+            return self._rows(prompts, settings, stops, per_call)
+
+    def _rows(
+        self, prompts: list[str], settings: Settings, stops: list[str], per_call: int
+    ) -> list[Row]:
         rows = per_call
         answers = []
         cancel = current_cancel()
@@ -337,7 +370,7 @@ class _Job:
                 f"the prompt is {longest} tokens but this model's context holds at most "
                 f"{limit} (max_position_embeddings): shorten the prompt"
             )
-            raise ValueError(msg)
+            raise ContextOverflowError(msg, prompt_tokens=longest, context=limit)
         return rows
 
     def _pad_id(self, gen: Mapping[str, Any]) -> int:

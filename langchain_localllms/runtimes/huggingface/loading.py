@@ -8,55 +8,31 @@ default backend loads torch models with ``AutoModelFor*``; ``"openvino"`` loads
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from langchain_localllms._hub import hub_snapshot, is_repo_id
 from langchain_localllms._imports import require
 from langchain_localllms.conversion import OPENVINO_WEIGHT_FORMATS, export_openvino
 from langchain_localllms.runtimes.huggingface.options import is_seq2seq_task
 
 
 # -------------------------------------------------------------- model sources
-def _looks_like_path(model_id: str) -> bool:
-    return (
-        model_id.startswith(("/", "./", "../", "~", "."))
-        or os.sep in model_id.strip("/").replace("/", "", 1)
-        or (os.altsep is not None and os.altsep in model_id)
-        or Path(model_id).expanduser().exists()
-    )
-
-
-def _hub_reachable(timeout: float = 3.0) -> str | None:
-    """None if the Hub answers a TCP connect within ``timeout``; else why not."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except Exception as e:
-        return f"{endpoint} is not reachable ({e})"
-
-
 def resolve_model_source(
     model_id: str, *, revision: str | None = None, cache_dir: str | None = None,
-    local_files_only: bool = False,
+    local_files_only: bool | None = None, token: str | bool | None = None,
+    force_download: bool = False, extra: str = "huggingface",
 ) -> tuple[str, bool]:  # fmt: skip
-    """Where to load ``model_id`` from, without waiting on a network that isn't there.
+    """Where to load ``model_id`` from: a local directory, or its Hub cache snapshot.
 
-    A local directory loads offline. A Hub id loads from the local Hugging Face cache
-    when it is there; otherwise it is downloaded, but only after a quick check that
-    the Hub answers (``huggingface_hub`` would otherwise retry for about half a minute).
+    A Hub id is resolved by :func:`~langchain_localllms._hub.hub_snapshot`: the cache
+    first, a download only on a miss and never offline.
 
     Returns:
-        ``(source, offline)``: the path or Hub id to load, and whether to load it with
-        ``local_files_only=True``.
+        ``(source, offline)``: the directory to load, and whether to load it with
+        ``local_files_only=True`` (always: every file is on this machine by then).
 
     Raises:
         FileNotFoundError: a path that does not exist, or a Hub id that is neither in
@@ -65,7 +41,7 @@ def resolve_model_source(
     p = Path(model_id).expanduser()
     if p.is_dir():
         return str(p.resolve()), True
-    if _looks_like_path(model_id):
+    if not is_repo_id(model_id):
         what = "a file, not a directory" if p.exists() else "not found"
         msg = (
             f"model directory {model_id!r} is {what} (resolved from {Path.cwd()}). "
@@ -73,29 +49,12 @@ def resolve_model_source(
             "(what save_pretrained() writes)."
         )
         raise FileNotFoundError(msg)
-    hub = require("huggingface_hub", feature="HuggingFacePipeline")
-    cached = hub.try_to_load_from_cache(
-        model_id, "config.json", cache_dir=cache_dir, revision=revision
-    )
-    if isinstance(cached, str):
-        return model_id, True
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    why = (
-        "local_files_only=True"
-        if local_files_only
-        else "HF_HUB_OFFLINE is set"
-        if offline
-        else _hub_reachable()
-    )
-    if why is not None:
-        msg = (
-            f"model {model_id!r} is not a local directory, is not in the Hugging Face "
-            f"cache, and cannot be downloaded now: {why}. Download it where the Hub is "
-            f"reachable (`huggingface-cli download {model_id} --local-dir DIR`, or "
-            "save_pretrained(DIR)) and pass model_id=DIR."
-        )
-        raise FileNotFoundError(msg)
-    return model_id, False
+    snapshot = hub_snapshot(
+        model_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+        token=token, force_download=force_download, feature="HuggingFacePipeline",
+        extra=extra,
+    )  # fmt: skip
+    return str(snapshot), True
 
 
 # -------------------------------------------------------------------- backends
