@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from langchain_localllms.chat_models.llamacpp import ChatLlamaCpp
     from langchain_localllms.errors import (
         BadRequestError,
         ClosedError,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BadRequestError",
     "CTranslate2",
+    "ChatLlamaCpp",
     "ClosedError",
     "ContextOverflowError",
     "GPT4All",
@@ -46,6 +48,7 @@ __all__ = [
 ]
 
 _EXPORTS = {
+    "ChatLlamaCpp": "langchain_localllms.chat_models.llamacpp",
     "BadRequestError": "langchain_localllms.errors",
     "ClosedError": "langchain_localllms.errors",
     "ContextOverflowError": "langchain_localllms.errors",

@@ -427,7 +427,7 @@ class LocalLLM(BaseLLM):
     def _resolve(self, stop: list[str] | None, kwargs: dict[str, Any]) -> Call:
         """Merge instance defaults with the options of one call."""
         self._check_open()
-        if stop is not None and self.stop is not None:
+        if stop is not None and self.stop:  # stop=[] at init: no stop sequences
             msg = (
                 f"stop was given both to {type(self).__name__}(stop=...) and to this "
                 "call; give it in one place"

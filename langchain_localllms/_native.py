@@ -396,10 +396,10 @@ def _free(box: list[Any], parts: dict[str, Any], close: Callable[[], Any] | None
     if close is not None:
         close()
     gc.collect()  # what referred to the model in cycles goes now, not later
-    _trim_heap()
+    trim_heap()
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Hand freed heap memory back to the system now (glibc keeps it otherwise)."""
     try:
         libc = ctypes.CDLL("libc.so.6")

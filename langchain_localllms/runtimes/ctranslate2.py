@@ -21,7 +21,7 @@ from langchain_localllms._base import Row
 from langchain_localllms._detok import IncrementalDetokenizer
 from langchain_localllms._files import model_dir
 from langchain_localllms._imports import require
-from langchain_localllms._native import SharedModel, current_cancel
+from langchain_localllms._native import SharedModel, current_cancel, trim_heap
 from langchain_localllms._stop import StopStream
 from langchain_localllms._usage import Tally
 from langchain_localllms.conversion import TOKENIZER_FILES, trained_context
@@ -132,6 +132,7 @@ class CTranslate2Engine:
             self._unload_wanted = False
             if generator.model_is_loaded and not self._active:
                 generator.unload_model()
+                trim_heap()  # else glibc may keep the freed weights in its arenas
 
     @contextlib.contextmanager
     def _generator(self) -> Iterator[Any]:

@@ -85,6 +85,22 @@ def test_llamacpp_from_pretrained_loads_the_cached_gguf_and_generates(hub):
     assert llm.model_info().architecture == "gemma3"
 
 
+def test_chat_llamacpp_from_pretrained_takes_the_same_arguments(hub):
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    from langchain_localllms import ChatLlamaCpp
+
+    handler = BaseCallbackHandler()
+    chat = ChatLlamaCpp.from_pretrained(
+        GGUF_REPO, cache_dir=hub["cache"], callbacks=[handler], **GREEDY
+    )
+    assert Path(chat.llm.model_path).name == "gemma-3-270m-Q4_K_M.gguf"
+    assert chat.callbacks == [handler]  # the chat model's own setting stays with it
+    assert chat.temperature == 0.0  # the runtime's went to its LLM
+    assert chat.invoke(PROMPT).content
+    chat.close()
+
+
 def test_llamacpp_from_pretrained_reads_huggingface_hubs_default_cache(hub, monkeypatch):
     # No cache_dir: huggingface_hub's own default (HF_HUB_CACHE, read at its import).
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub["cache"]))

@@ -60,10 +60,10 @@ def test_ctranslate2_unload_frees_the_weights_and_the_next_call_reloads_them(mod
     answer = llm.invoke(PROMPT)
     loaded = rss_mb()
     llm.unload()
+    assert not llm.client.model_is_loaded  # unloaded now: no call was running
     unloaded = rss_mb()
     weights = (Path(model_path("gemma-ct2")) / "model.bin").stat().st_size / 2**20
     assert loaded - unloaded >= FREED_SHARE * weights, (loaded, unloaded, weights)
-    assert not llm.client.model_is_loaded
     assert llm.invoke(PROMPT) == answer  # loaded again, same model
     assert llm.client.model_is_loaded
     llm.close()

@@ -1,0 +1,1 @@
+"""Chat models over this package's runtimes (one module per runtime)."""

@@ -1,0 +1,205 @@
+"""Tool calls for local chat models.
+
+The prompt that offers tools, the grammar that forces a valid call, and the parser
+that reads calls back.
+
+The call syntax is one JSON object, ``{"name": ..., "arguments": {...}}`` (a list of
+them for parallel calls is not offered). Where decoding can be constrained, the
+grammar built here makes every forced call valid JSON that validates against its
+tool's schema; the parser validates again either way, so a runtime without a grammar
+(CTranslate2) gets a clear error instead of a wrong call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_core.messages import ToolCall
+from langchain_core.utils.function_calling import convert_to_openai_tool
+
+from langchain_localllms.grammars import Grammar
+
+__all__ = ["ToolCallError", "ToolSpec", "call_grammar", "parse_call", "tools_preamble"]
+
+#: What ``tool_choice`` may be, besides a tool's name.
+CHOICES = ("auto", "any", "required", "none")
+
+
+class ToolCallError(ValueError):
+    """The model's answer is not a valid call of a bound tool (no grammar constrained it)."""
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A bound tool: its name, description and the JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    @classmethod
+    def of(cls, tool: Any) -> ToolSpec:
+        """A spec from anything ``bind_tools`` takes (a tool, a function, a schema)."""
+        fn = convert_to_openai_tool(tool)["function"]
+        params = dict(fn.get("parameters") or {"type": "object", "properties": {}})
+        params.setdefault("type", "object")
+        params.setdefault("properties", {})
+        return cls(name=fn["name"], description=fn.get("description") or "", parameters=params)
+
+    def openai(self) -> dict[str, Any]:
+        """The tool as chat templates take it (``tools=``: OpenAI's function format)."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
+
+    def call_schema(self) -> dict[str, Any]:
+        """The JSON schema of one call of this tool."""
+        return {
+            "type": "object",
+            "properties": {"name": {"const": self.name}, "arguments": self.parameters},
+            "required": ["name", "arguments"],
+        }
+
+
+def resolve_choice(tools: Sequence[ToolSpec], tool_choice: Any) -> tuple[str, list[ToolSpec]]:
+    """``(mode, allowed)``: mode ``auto``, ``forced`` or ``none``, and the callable tools."""
+    if tool_choice is None or tool_choice == "auto":
+        return "auto", list(tools)
+    if tool_choice == "none" or tool_choice is False:
+        return "none", []
+    if tool_choice in ("any", "required") or tool_choice is True:
+        return "forced", list(tools)
+    name = tool_choice
+    if isinstance(tool_choice, dict):  # {"type": "function", "function": {"name": ...}}
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+    chosen = [t for t in tools if t.name == name]
+    if not chosen:
+        known = ", ".join(t.name for t in tools) or "none"
+        msg = (
+            f"tool_choice={tool_choice!r} is not one of {', '.join(CHOICES)} nor a bound "
+            f"tool's name (bound: {known})"
+        )
+        raise ValueError(msg)
+    return "forced", chosen
+
+
+def call_grammar(tools: Sequence[ToolSpec], *, forced: bool) -> Grammar:
+    """The grammar of an answer: a valid call of one of ``tools``.
+
+    Unless ``forced``, free text that does not start like a call is allowed too.
+    """
+    schema: dict[str, Any] = (
+        tools[0].call_schema() if len(tools) == 1 else {"anyOf": [t.call_schema() for t in tools]}
+    )
+    calls = Grammar.from_json_schema(schema).gbnf
+    if forced:
+        return Grammar.from_string(calls, name="tool call")
+    renamed = re.sub(r"^root\s*::=", "call ::=", calls, count=1, flags=re.M)
+    free = "root ::= call | text\ntext ::= [^{ \\t\\n] [^\\x00]*\n"
+    return Grammar.from_string(free + renamed, name="tool call or text")
+
+
+def tools_preamble(tools: Sequence[ToolSpec], *, forced: bool) -> str:
+    """What tells a model without tool support in its template how to call a tool."""
+    listing = "\n".join(
+        json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters})
+        for t in tools
+    )
+    how = (
+        "Answer with a call of one of them"
+        if forced
+        else "To call one, answer with nothing but the call; otherwise answer in text"
+    )
+    return (
+        f'You can call these tools:\n{listing}\n{how}: a JSON object whose "name" is '
+        'the tool\'s name and whose "arguments" are the values the question gives.'
+    )
+
+
+def render_call(name: str, args: dict[str, Any]) -> str:
+    """A call as the model writes it (for earlier calls in a conversation)."""
+    return json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+
+
+def parse_call(text: str, tools: Sequence[ToolSpec], *, forced: bool) -> ToolCall | None:
+    """The call in an answer, or None when it is text (and no call was forced).
+
+    Raises:
+        ToolCallError: the answer starts like a call but is not a valid one (a runtime
+            without grammars, or a stop sequence that cut it), or a forced call is
+            missing.
+    """
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        if forced:
+            msg = f"a tool call was required, but the model answered with text: {text[:200]!r}"
+            raise ToolCallError(msg)
+        return None
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError as e:
+        msg = f"the model's tool call is not valid JSON ({e}): {stripped[:200]!r}"
+        raise ToolCallError(msg) from e
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        msg = f"the model's tool call has no tool name: {stripped[:200]!r}"
+        raise ToolCallError(msg)
+    spec = next((t for t in tools if t.name == data["name"]), None)
+    if spec is None:
+        known = ", ".join(t.name for t in tools)
+        msg = f"the model called {data['name']!r}, which is not a bound tool ({known})"
+        raise ToolCallError(msg)
+    args = data.get("arguments", {})
+    if not isinstance(args, dict):
+        msg = f"the arguments of the model's call of {spec.name!r} are not an object: {args!r}"
+        raise ToolCallError(msg)
+    _check_args(spec, args)
+    return ToolCall(name=spec.name, args=args, id=f"call_{uuid.uuid4().hex[:24]}", type="tool_call")
+
+
+def _check_args(spec: ToolSpec, args: dict[str, Any]) -> None:
+    """Required arguments present, no unknown ones, JSON types as the schema says."""
+    props = spec.parameters.get("properties") or {}
+    missing = [k for k in spec.parameters.get("required") or [] if k not in args]
+    unknown = [k for k in args if props and k not in props]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if unknown and spec.parameters.get("additionalProperties") is False:
+        problems.append(f"unknown {', '.join(unknown)}")
+    for key, value in args.items():
+        expected = (props.get(key) or {}).get("type")
+        if isinstance(expected, str) and not _is_type(value, expected):
+            problems.append(f"{key} is not {expected}")
+    if problems:
+        msg = f"the model's call of {spec.name!r} does not fit its schema: {'; '.join(problems)}"
+        raise ToolCallError(msg)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+    "null": (type(None),),
+}
+
+
+def _is_type(value: Any, expected: str) -> bool:
+    kinds = _TYPES.get(expected)
+    if kinds is None:
+        return True
+    if isinstance(value, bool) and expected in ("integer", "number"):
+        return False
+    return isinstance(value, kinds)

@@ -1,0 +1,176 @@
+"""ChatLlamaCpp judged by LangChain's own standard chat-model tests, on real GGUF models.
+
+The integration suite runs on Gemma-3-270M (base): what the grammars guarantee (tool
+calls and structured output that validate) passes on it; tests that need judgement a
+270M base model lacks are marked xfail beside their measured reason. The unit suite
+(construction, serialization, binding) runs on the tiny chat model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+import modelkit
+from langchain_localllms import ChatLlamaCpp
+from langchain_localllms.errors import ClosedError
+
+#: What every chat class of this package leaves out of the standard init parameters:
+#: an in-process runtime has no request timeout and nothing to retry.
+IN_PROCESS = {"temperature": 0, "max_tokens": 100, "stop": []}
+
+
+class _ChatLlamaCpp:
+    @property
+    def chat_model_class(self) -> type[ChatLlamaCpp]:
+        return ChatLlamaCpp
+
+    @property
+    def standard_chat_model_params(self) -> dict[str, Any]:
+        return dict(IN_PROCESS)
+
+
+class TestChatLlamaCppStandard(_ChatLlamaCpp, ChatModelIntegrationTests):
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"model_path": str(modelkit.prepare("gemma-gguf"))}
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    # The grammar forces a call of magic_function that validates (an integer "input");
+    # which integer is the model's judgement: Gemma-3-270M (base, greedy) writes the
+    # question's 3 and then zeros, {"input": 3000000000000000} (measured).
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    @pytest.mark.xfail(
+        reason="270M base model: forced call valid, argument 3 written as 3e15", strict=True
+    )
+    def test_tool_calling(self, model: Any) -> None:
+        super().test_tool_calling(model)
+
+    @pytest.mark.xfail(
+        reason="270M base model: forced call valid, argument 3 written as 3e15", strict=True
+    )
+    async def test_tool_calling_async(self, model: Any) -> None:
+        await super().test_tool_calling_async(model)
+
+    # tool_choice="auto": the grammar allows text or a valid call; Gemma-3-270M (base)
+    # answers "What is the weather in San Francisco, CA?" in text (measured).
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    @pytest.mark.xfail(
+        reason="270M base model does not choose to call a tool unforced", strict=True
+    )
+    def test_agent_loop(self, model: Any) -> None:
+        super().test_agent_loop(model)
+
+
+class TestChatLlamaCppUnit(_ChatLlamaCpp, ChatModelUnitTests):
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"model_path": str(modelkit.prepare("tiny-chat-gguf")), "n_ctx": 1024}
+
+
+# --------------------------------------------------------------- beyond the standard suite
+@pytest.fixture(scope="module")
+def gemma_chat():
+    chat = ChatLlamaCpp(
+        model_path=str(modelkit.prepare("gemma-gguf")), temperature=0, max_tokens=64
+    )
+    yield chat
+    chat.close()
+
+
+@tool
+def get_weather(city: str, days: int = 1) -> str:
+    """The weather forecast for a city."""
+    return f"sunny in {city}"
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["What is 2 plus 40?", "Weather in Rome for 3 days?", "Tell me a joke.", "Bonjour!"],
+)
+def test_a_forced_call_always_validates_against_its_tool(gemma_chat, question):
+    # What the grammar guarantees, whatever the question: one call of a bound tool
+    # whose arguments have the schema's names and types.
+    message = gemma_chat.bind_tools([get_weather, add], tool_choice="any").invoke(question)
+    (call,) = message.tool_calls
+    assert call["name"] in ("get_weather", "add")
+    schema = (get_weather if call["name"] == "get_weather" else add).args
+    assert set(call["args"]) <= set(schema)
+    assert all(k in call["args"] for k, v in schema.items() if "default" not in v)
+    for name, value in call["args"].items():
+        assert isinstance(value, {"string": str, "integer": int}[schema[name]["type"]])
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+
+
+def test_tool_choice_by_name_calls_that_tool(gemma_chat):
+    message = gemma_chat.bind_tools([get_weather, add], tool_choice="add").invoke("Rome?")
+    assert [c["name"] for c in message.tool_calls] == ["add"]
+
+
+def test_a_conversation_with_tool_calls_renders_in_the_model_format(gemma_chat):
+    call = {"name": "get_weather", "args": {"city": "Rome"}, "id": "call_1", "type": "tool_call"}
+    turns = [
+        SystemMessage("Be brief."),
+        HumanMessage("Weather in Rome?"),
+        AIMessage("", tool_calls=[call]),
+        ToolMessage("sunny", tool_call_id="call_1", name="get_weather"),
+    ]
+    prompt = gemma_chat._turn(turns, {}).prompt
+    # Gemma's turn format (the GGUF carries no template): the system text opens the
+    # first user turn, the call is the model's turn, the result a user turn.
+    assert prompt.startswith("<start_of_turn>user\nBe brief.\n\nWeather in Rome?<end_of_turn>\n")
+    assert '<start_of_turn>model\n{"name": "get_weather", "arguments": {"city": "Rome"}}' in prompt
+    assert "<start_of_turn>user\nResult of get_weather: sunny<end_of_turn>" in prompt
+    assert prompt.endswith("<start_of_turn>model\n")
+    assert isinstance(gemma_chat.invoke(turns), AIMessage)
+
+
+def test_the_template_of_the_file_is_used_and_can_be_replaced():
+    path = str(modelkit.prepare("tiny-chat-gguf"))
+    with ChatLlamaCpp(model_path=path, n_ctx=1024, max_tokens=4, temperature=0) as chat:
+        prompt = chat._turn([SystemMessage("S"), HumanMessage("Hi")], {}).prompt
+        assert (
+            prompt
+            == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        )
+    own = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    with ChatLlamaCpp(model_path=path, n_ctx=1024, max_tokens=4, chat_template=own) as chat:
+        assert chat._turn([HumanMessage("Hi")], {}).prompt == "[user] Hi\n[assistant] "
+        assert chat.invoke("Hi").usage_metadata["input_tokens"] > 0
+
+
+def test_bad_tool_choices_are_errors_that_say_why(gemma_chat):
+    with pytest.raises(ValueError, match="bound: get_weather"):
+        gemma_chat.bind_tools([get_weather], tool_choice="multiply")
+    with pytest.raises(ValueError, match="needs tools"):
+        gemma_chat.invoke("Hi", tool_choice="any")
+    with pytest.raises(TypeError, match="unknown option"):
+        gemma_chat.invoke("Hi", bogus=1)
+
+
+def test_a_closed_chat_model_refuses_later_use():
+    chat = ChatLlamaCpp(
+        model_path=str(modelkit.prepare("tiny-chat-gguf")), n_ctx=1024, max_tokens=2
+    )
+    chat.invoke("Hi")
+    chat.close()
+    with pytest.raises(ClosedError):
+        chat.invoke("Hi")

@@ -1,0 +1,103 @@
+"""Our own logic of chat tool calls: choices, grammars, parsing and validation (no model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from langchain_core.tools import tool
+
+from langchain_localllms.chat_models._tools import (
+    ToolCallError,
+    ToolSpec,
+    call_grammar,
+    parse_call,
+    resolve_choice,
+)
+
+
+@tool
+def get_weather(location: str, days: int = 1) -> str:
+    """Get the weather at a location."""
+    return "sunny"
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+SPECS = [ToolSpec.of(get_weather), ToolSpec.of(add)]
+
+
+@pytest.mark.parametrize(
+    ("choice", "mode", "names"),
+    [
+        (None, "auto", ["get_weather", "add"]),
+        ("auto", "auto", ["get_weather", "add"]),
+        ("any", "forced", ["get_weather", "add"]),
+        ("required", "forced", ["get_weather", "add"]),
+        ("none", "none", []),
+        ("add", "forced", ["add"]),
+        ({"type": "function", "function": {"name": "add"}}, "forced", ["add"]),
+    ],
+)
+def test_tool_choice_resolves_to_a_mode_and_the_callable_tools(choice, mode, names):
+    got_mode, allowed = resolve_choice(SPECS, choice)
+    assert got_mode == mode
+    assert [t.name for t in allowed] == names
+
+
+def test_an_unknown_tool_choice_names_what_is_bound():
+    with pytest.raises(ValueError, match="bound: get_weather, add"):
+        resolve_choice(SPECS, "multiply")
+
+
+def test_a_valid_call_is_parsed_with_an_id():
+    call = parse_call('{"name": "add", "arguments": {"a": 2, "b": 3}}', SPECS, forced=True)
+    assert call["name"] == "add"
+    assert call["args"] == {"a": 2, "b": 3}
+    assert call["id"].startswith("call_")
+    assert call["type"] == "tool_call"
+
+
+def test_text_is_no_call_unless_one_was_forced():
+    assert parse_call("It is sunny.", SPECS, forced=False) is None
+    with pytest.raises(ToolCallError, match="required"):
+        parse_call("It is sunny.", SPECS, forced=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"name": "add", "arguments": {"a": 2', "not valid JSON"),
+        ('{"arguments": {}}', "no tool name"),
+        ('{"name": "multiply", "arguments": {}}', "not a bound tool"),
+        ('{"name": "add", "arguments": [1, 2]}', "not an object"),
+        ('{"name": "add", "arguments": {"a": 2}}', "missing b"),
+        ('{"name": "add", "arguments": {"a": "2", "b": 3}}', "a is not integer"),
+        ('{"name": "add", "arguments": {"a": true, "b": 3}}', "a is not integer"),
+    ],
+)
+def test_an_invalid_call_is_a_typed_error_that_says_why(text, problem):
+    # What a runtime without grammars (or a call cut by a stop) can produce.
+    with pytest.raises(ToolCallError, match=problem):
+        parse_call(text, SPECS, forced=False)
+
+
+def test_the_grammars_are_gbnf_that_allow_a_call_or_text():
+    forced = call_grammar(SPECS[1:], forced=True)
+    either = call_grammar(SPECS, forced=False)
+    assert "root ::=" in forced.gbnf
+    assert either.gbnf.startswith("root ::= call | text")
+    assert '\\"add\\"' in either.gbnf or "add" in either.gbnf
+
+
+def test_specs_keep_the_schema_a_template_and_a_grammar_need():
+    spec = ToolSpec.of(get_weather)
+    assert spec.openai()["function"]["name"] == "get_weather"
+    assert spec.parameters["required"] == ["location"]
+    schema = spec.call_schema()
+    assert schema["properties"]["name"] == {"const": "get_weather"}
+    json.dumps(schema)  # plain JSON
