@@ -487,6 +487,4 @@ def _first_call_args(message: AIMessage) -> dict[str, Any]:
 
 def _plain_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A JSON schema without the keys llama.cpp's converter does not need."""
-    return {k: v for k, v in schema.items() if k not in ("title", "description")} | (
-        {"properties": schema["properties"]} if "properties" in schema else {}
-    )
+    return {k: v for k, v in schema.items() if k not in ("title", "description")}

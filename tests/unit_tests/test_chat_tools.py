@@ -91,7 +91,10 @@ def test_the_grammars_are_gbnf_that_allow_a_call_or_text():
     either = call_grammar(SPECS, forced=False)
     assert "root ::=" in forced.gbnf
     assert either.gbnf.startswith("root ::= call | text")
-    assert '\\"add\\"' in either.gbnf or "add" in either.gbnf
+    assert "add" in forced.gbnf
+    assert "get_weather" not in forced.gbnf  # only the chosen tool can be called
+    assert "add" in either.gbnf
+    assert "get_weather" in either.gbnf
 
 
 def test_specs_keep_the_schema_a_template_and_a_grammar_need():
