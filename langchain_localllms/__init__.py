@@ -11,7 +11,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from langchain_localllms.chat_models.ctranslate2 import ChatCTranslate2
+    from langchain_localllms.chat_models.gpt4all import ChatGPT4All
+    from langchain_localllms.chat_models.huggingface import ChatHuggingFace
     from langchain_localllms.chat_models.llamacpp import ChatLlamaCpp
+    from langchain_localllms.chat_models.llamafile import ChatLlamafile
+    from langchain_localllms.chat_models.ollama import ChatOllama
     from langchain_localllms.errors import (
         BadRequestError,
         ClosedError,
@@ -32,7 +37,12 @@ if TYPE_CHECKING:
 __all__ = [
     "BadRequestError",
     "CTranslate2",
+    "ChatCTranslate2",
+    "ChatGPT4All",
+    "ChatHuggingFace",
     "ChatLlamaCpp",
+    "ChatLlamafile",
+    "ChatOllama",
     "ClosedError",
     "ContextOverflowError",
     "GPT4All",
@@ -48,7 +58,12 @@ __all__ = [
 ]
 
 _EXPORTS = {
+    "ChatCTranslate2": "langchain_localllms.chat_models.ctranslate2",
+    "ChatGPT4All": "langchain_localllms.chat_models.gpt4all",
+    "ChatHuggingFace": "langchain_localllms.chat_models.huggingface",
     "ChatLlamaCpp": "langchain_localllms.chat_models.llamacpp",
+    "ChatLlamafile": "langchain_localllms.chat_models.llamafile",
+    "ChatOllama": "langchain_localllms.chat_models.ollama",
     "BadRequestError": "langchain_localllms.errors",
     "ClosedError": "langchain_localllms.errors",
     "ContextOverflowError": "langchain_localllms.errors",

@@ -48,6 +48,11 @@ from langchain_localllms._usage import Tally, llm_output
 from langchain_localllms.errors import ClosedError
 from langchain_localllms.prompts import ModelInfo
 
+#: The ``_stream``/``_astream`` option (for this package's chat models) that ends a
+#: generation early: a callable asked after each chunk; True stops decoding, and the
+#: final chunk still carries the usage so far.
+UNTIL = "_until"
+
 #: Per-call options of the ``generate``/``agenerate`` call in progress, so that the
 #: cache key (built by LangChain from ``self.dict()``) includes them.
 _CALL_OPTIONS: ContextVar[dict[str, Any] | None] = ContextVar(
@@ -454,6 +459,14 @@ class LocalLLM(BaseLLM):
         """
         return None
 
+    def _choose(self, prompt: str, options: list[str]) -> int | None:
+        """Which of ``options`` the model would write after ``prompt``, if it can say.
+
+        None: the runtime cannot score text. For runtimes without grammars: a choice among fixed continuations (which tool
+        to call) that is still the model's.
+        """
+        return None
+
     def _llm_output_extra(self) -> dict[str, Any]:
         return {"model_name": self._ls_model_name()}
 
@@ -523,6 +536,7 @@ class LocalLLM(BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
+        until = kwargs.pop(UNTIL, None)
         call = self._resolve(stop, kwargs)
         tally = Tally()
         assembler = _Assembler(call.stops, tally)
@@ -534,7 +548,7 @@ class LocalLLM(BaseLLM):
                     if run_manager:
                         run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
-                if assembler.stopped:
+                if assembler.stopped or (until is not None and until()):
                     break
         finally:
             pieces.close()  # type: ignore[attr-defined]
@@ -550,6 +564,7 @@ class LocalLLM(BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
+        until = kwargs.pop(UNTIL, None)
         call = self._resolve(stop, kwargs)
         tally = Tally()
         assembler = _Assembler(call.stops, tally)
@@ -561,7 +576,7 @@ class LocalLLM(BaseLLM):
                     if run_manager:
                         await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
-                if assembler.stopped:
+                if assembler.stopped or (until is not None and until()):
                     break
         finally:
             await pieces.aclose()  # type: ignore[attr-defined]

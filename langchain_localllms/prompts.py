@@ -18,6 +18,7 @@ choose by what is *loaded*, not by which class holds it:
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -168,7 +169,24 @@ def _environment() -> ImmutableSandboxedEnvironment:
     )
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
     return env
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """``tojson`` as Hugging Face's chat templates expect it: plain JSON, no HTML escapes.
+
+    (Jinja's own writes ``<`` as ``\\u003c``, which a model never saw in training.)
+    """
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 _ENV = _environment()
@@ -249,7 +267,7 @@ def register_format(name: str, *, families: Sequence[str] = ()) -> Callable[[str
     return add
 
 
-register_format("gemma", families=("gemma", "gemma2", "gemma3"))(
+register_format("gemma", families=("gemma", "gemma2", "gemma3", "gemma3_text"))(
     "{% for m in messages if m['role'] != 'system' %}"
     "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
     "{% if loop.first and messages[0]['role'] == 'system' %}"

@@ -187,7 +187,8 @@ def llamacpp() -> Adapter:
     def count(text: str) -> int:
         return len(raw.tokenize(text.encode(), add_bos=False, special=True))
 
-    return Adapter("LlamaCpp", run_raw, ours, community, "in-process llama.cpp runs one sequence at a time",
+    return Adapter("LlamaCpp", run_raw, ours, community,
+                   f"the prompts decode as sequences of one llama.cpp context, {ours.n_parallel} at a time",
                    {"count": count, "max_kw": "max_tokens"}, thread="llamacpp")  # fmt: skip
 
 
@@ -454,6 +455,73 @@ def raw_concurrency(a: Adapter, slots: int) -> float:
     return t_seq / (time.perf_counter() - t0)
 
 
+#: A few-shot prefix of about 1,000 Gemma tokens, shared by two prompts in a row.
+SHARED_PREFIX = "".join(f"Q: What is {i} plus {i + 1}? A: {2 * i + 1}.\n" for i in range(53))
+
+
+def llamacpp_columns(llm: Any, reps: int) -> dict[str, Any]:
+    """LlamaCpp's in-process batching and prefix reuse, each against its counterpart.
+
+    Per repetition, with prompts no cache has seen (a number of their own first):
+    ``lc_batch``: tokens/s of one ``generate`` of 16 prompts / 16 ``generate`` calls
+    one after another (which goes first alternates); ``lc_prefix``: the prefill time
+    (to the first token) of a prompt whose ~1,000-token prefix the previous call had /
+    that previous, cold call's; ``lc_prefix_cached``: the share of the warm prompt's
+    tokens that came from the cache; ``lc_prefix_same``: how many warm answers equal
+    the answer of an instance that reuses nothing.
+    """
+    from langchain_localllms import LlamaCpp
+
+    serial = iter(range(10_000, 1_000_000))
+    greedy = {"temperature": 0.0, "repeat_penalty": 1.0}
+    cold_llm = LlamaCpp(model_path=llm.model_path, cache_prompt=False, **greedy)
+
+    def prompts() -> list[str]:
+        return [
+            f"{next(serial)} is my number. Fact {i} about the moon is that"
+            for i in range(len(BATCH_PROMPTS))
+        ]
+
+    def tokens_per_s(run: Callable[[], list[Any]]) -> float:
+        t0 = time.perf_counter()
+        gens = run()
+        elapsed = time.perf_counter() - t0
+        return sum(g.generation_info["completion_tokens"] for g in gens) / elapsed
+
+    def batched() -> float:
+        batch = prompts()
+        return tokens_per_s(
+            lambda: [g[0] for g in llm.generate(batch, max_tokens=BATCH_TOKENS).generations]
+        )
+
+    def sequential() -> float:
+        batch = prompts()
+        return tokens_per_s(
+            lambda: [llm.generate([p], max_tokens=BATCH_TOKENS).generations[0][0] for p in batch]
+        )
+
+    out: dict[str, list[float]] = {"lc_batch": [], "lc_prefix": [], "lc_prefix_cached": []}
+    same = 0
+    for rep in range(reps):
+        if rep % 2 == 0:
+            b, s = batched(), sequential()
+        else:
+            s, b = sequential(), batched()
+        out["lc_batch"].append(b / s)
+        prefix = f"{next(serial)} is my number.\n{SHARED_PREFIX}"
+        question = prefix + "Q: What is 12 plus 30? A:"
+        cold = llm.generate([prefix + "Q: What is 7 plus 5? A:"], max_tokens=8).generations[0][0]
+        warm = llm.generate([question], max_tokens=8).generations[0][0]
+        info = warm.generation_info
+        out["lc_prefix"].append(
+            info["timings"]["prompt_ms"] / cold.generation_info["timings"]["prompt_ms"]
+        )
+        out["lc_prefix_cached"].append(info["cached_tokens"] / info["prompt_tokens"])
+        same += warm.text == cold_llm.invoke(question, max_tokens=8)
+    cold_llm.close()
+    return {**{k: spread(v) for k, v in out.items()}, "lc_prefix_same": {"same": same, "n": reps}}
+
+
 def measure(name: str, reps: int) -> dict[str, Any]:
     a = ADAPTERS[name]()
     reps = min(reps, a.max_reps or reps)
@@ -528,9 +596,11 @@ def measure(name: str, reps: int) -> dict[str, Any]:
             ratios["abatch"].append(t_seq / t_abatch)
         if a.extra.get("slots"):
             ratios["raw_batch"].append(raw_concurrency(a, a.extra["slots"]))
+    own = llamacpp_columns(a.ours, reps) if name == "llamacpp" else {}
     return {
         "runtime": a.name,
         "ratios": {k: spread(v) for k, v in ratios.items() if v},
+        "own": own,
         "absolute": {k: spread(v) for k, v in abs_vals.items() if v},
         "batch_note": a.batch_note,
         "reps": reps,
@@ -651,6 +721,20 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
             lines.append(f"\n{r['runtime']}: {r['reps']} repetitions and {r['decode_tokens']}-token decodes "
                          "(it decodes this model at a few tokens/s here).")  # fmt: skip
     for r in results:
+        own = r.get("own") or {}
+        if own.get("lc_batch"):
+            same = own["lc_prefix_same"]
+            lines.append(
+                f"\n{r['runtime']}, in-process batching and prefix reuse "
+                f"({own['lc_batch']['n']} repetitions, each against its counterpart in the same "
+                "repetition, prompts new to every cache): a batch of 16 decodes "
+                f"{fmt(own['lc_batch'])} the tokens/s of 16 sequential calls; a prompt whose "
+                "~1,000-token prefix the previous call had takes "
+                f"{fmt(own['lc_prefix'])} of that cold call's prefill time (to the first "
+                f"token), {fmt(own['lc_prefix_cached'], '', 2)} of its tokens from the cache; "
+                f"its answer equals a cold instance's in {same['same']} of {same['n']}."
+            )
+    for r in results:
         if r["ratios"].get("c_total"):
             lines.append(f"\n{r['runtime']}: langchain_community's class cannot stream, so its whole-answer "
                          f"throughput / raw is given instead: {fmt(r['ratios']['c_total'])}.")  # fmt: skip
@@ -737,6 +821,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", choices=list(ADAPTERS), help="measure one runtime in this process (prints JSON)")
     ap.add_argument("--only", nargs="+", choices=list(ADAPTERS), help="measure these; print, write no report")
+    ap.add_argument(
+        "--llamacpp-columns", action="store_true", help="LlamaCpp's batch and prefix columns only"
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--serve-ollama", action="store_true", help=argparse.SUPPRESS)
@@ -749,6 +836,9 @@ def main() -> int:
         return 0
     if args.runtime:
         print(json.dumps(measure(args.runtime, args.reps)))
+        return 0
+    if args.llamacpp_columns:
+        print(json.dumps(llamacpp_columns(llamacpp().ours, args.reps)))
         return 0
     t0 = time.perf_counter()
     out = Path(args.out)

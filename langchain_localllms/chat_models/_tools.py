@@ -24,7 +24,18 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from langchain_localllms.grammars import Grammar
 
-__all__ = ["ToolCallError", "ToolSpec", "call_grammar", "parse_call", "tools_preamble"]
+__all__ = [
+    "HERMES",
+    "PLAIN",
+    "CallSyntax",
+    "ToolCallError",
+    "ToolSpec",
+    "call_grammar",
+    "call_prefix",
+    "object_prefix",
+    "parse_call",
+    "tools_preamble",
+]
 
 #: What ``tool_choice`` may be, besides a tool's name.
 CHOICES = ("auto", "any", "required", "none")
@@ -71,6 +82,57 @@ class ToolSpec:
         }
 
 
+@dataclass(frozen=True)
+class CallSyntax:
+    """How a model writes a call: the JSON object, maybe between its template's tags.
+
+    ``native``: the chat template renders the tools itself (``tools=``) and reads
+    earlier calls from ``tool_calls``; otherwise the tools go in a system message.
+    """
+
+    open: str = ""
+    close: str = ""
+    native: bool = False
+
+    @classmethod
+    def of(cls, template: str) -> CallSyntax:
+        """The syntax a chat template teaches its model (Hermes' ``<tool_call>`` tags)."""
+        if "<tool_call>" in template and "tools" in template:
+            return HERMES
+        return PLAIN
+
+    def wrap(self, call: str) -> str:
+        return f"{self.open}{call}{self.close}"
+
+    def unwrap(self, text: str) -> str:
+        """The JSON of a call written in this syntax (the tags taken off)."""
+        text = text.strip()
+        opening, closing = self.open.strip(), self.close.strip()
+        if opening and text.startswith(opening):
+            text = text[len(opening) :]
+            if closing and closing in text:
+                text = text[: text.index(closing)]
+        return text.strip()
+
+    def starts(self, text: str) -> bool | None:
+        """Whether an answer that begins with ``text`` is a call (None: not known yet)."""
+        head = text.lstrip()
+        if not head:
+            return None
+        for opening in {"{", self.open.strip() or "{"}:
+            if head.startswith(opening):
+                return True
+            if opening.startswith(head):
+                return None
+        return False
+
+
+#: A bare JSON object: the syntax the tools' system message asks for.
+PLAIN = CallSyntax()
+#: Hermes (NousResearch), used by Qwen 2.5 / 3 and others: ``<tool_call>`` tags.
+HERMES = CallSyntax(open="<tool_call>\n", close="\n</tool_call>", native=True)
+
+
 def resolve_choice(tools: Sequence[ToolSpec], tool_choice: Any) -> tuple[str, list[ToolSpec]]:
     """``(mode, allowed)``: mode ``auto``, ``forced`` or ``none``, and the callable tools."""
     if tool_choice is None or tool_choice == "auto":
@@ -93,8 +155,8 @@ def resolve_choice(tools: Sequence[ToolSpec], tool_choice: Any) -> tuple[str, li
     return "forced", chosen
 
 
-def call_grammar(tools: Sequence[ToolSpec], *, forced: bool) -> Grammar:
-    """The grammar of an answer: a valid call of one of ``tools``.
+def call_grammar(tools: Sequence[ToolSpec], *, forced: bool, syntax: CallSyntax = PLAIN) -> Grammar:
+    """The grammar of an answer: a valid call of one of ``tools``, in ``syntax``.
 
     Unless ``forced``, free text that does not start like a call is allowed too.
     """
@@ -102,11 +164,21 @@ def call_grammar(tools: Sequence[ToolSpec], *, forced: bool) -> Grammar:
         tools[0].call_schema() if len(tools) == 1 else {"anyOf": [t.call_schema() for t in tools]}
     )
     calls = Grammar.from_json_schema(schema).gbnf
+    body = re.sub(r"^root\s*::=", "json-call ::=", calls, count=1, flags=re.M)
+    tagged = " ".join(
+        [*([_literal(syntax.open)] if syntax.open else []), "json-call",
+         *([_literal(syntax.close)] if syntax.close else [])]
+    )  # fmt: skip
     if forced:
-        return Grammar.from_string(calls, name="tool call")
-    renamed = re.sub(r"^root\s*::=", "call ::=", calls, count=1, flags=re.M)
-    free = "root ::= call | text\ntext ::= [^{ \\t\\n] [^\\x00]*\n"
-    return Grammar.from_string(free + renamed, name="tool call or text")
+        return Grammar.from_string(f"root ::= {tagged}\n{body}", name="tool call")
+    first = "<" if syntax.open else "{"
+    free = f"root ::= {tagged} | text\ntext ::= [^{first} \\t\\n] [^\\x00]*\n"
+    return Grammar.from_string(free + body, name="tool call or text")
+
+
+def _literal(text: str) -> str:
+    """``text`` as a GBNF string literal."""
+    return json.dumps(text)
 
 
 def tools_preamble(tools: Sequence[ToolSpec], *, forced: bool) -> str:
@@ -126,12 +198,42 @@ def tools_preamble(tools: Sequence[ToolSpec], *, forced: bool) -> str:
     )
 
 
+def call_prefix(tools: Sequence[ToolSpec]) -> str:
+    """The opening of a forced call, for runtimes that cannot constrain decoding.
+
+    The prompt ends with it and the model goes on from it: with one tool, up to its
+    first argument's value (the whole call, for a tool without arguments); with
+    several, up to where the tool's name begins.
+    """
+    if len(tools) == 1:
+        if not tools[0].parameters.get("properties"):
+            return render_call(tools[0].name, {})  # nothing left to write
+        opening = render_call(tools[0].name, {})[:-2]  # '{"name": "x", "arguments": {'
+        return opening + object_prefix(tools[0].parameters)[1:]
+    return '{"name": "'
+
+
+def object_prefix(schema: dict[str, Any] | None) -> str:
+    """The opening of a JSON object of ``schema``, up to its first property's value.
+
+    A string value's opening quote is part of it.
+    """
+    props = (schema or {}).get("properties") or {}
+    if not props:
+        return "{"
+    first, spec = next(iter(props.items()))
+    quote = '"' if isinstance(spec, dict) and spec.get("type") == "string" else ""
+    return "{" + f"{json.dumps(first)}: {quote}"
+
+
 def render_call(name: str, args: dict[str, Any]) -> str:
     """A call as the model writes it (for earlier calls in a conversation)."""
     return json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
 
 
-def parse_call(text: str, tools: Sequence[ToolSpec], *, forced: bool) -> ToolCall | None:
+def parse_call(
+    text: str, tools: Sequence[ToolSpec], *, forced: bool, syntax: CallSyntax = PLAIN
+) -> ToolCall | None:
     """The call in an answer, or None when it is text (and no call was forced).
 
     Raises:
@@ -139,7 +241,7 @@ def parse_call(text: str, tools: Sequence[ToolSpec], *, forced: bool) -> ToolCal
             without grammars, or a stop sequence that cut it), or a forced call is
             missing.
     """
-    stripped = text.strip()
+    stripped = syntax.unwrap(text)
     if not stripped.startswith("{"):
         if forced:
             msg = f"a tool call was required, but the model answered with text: {text[:200]!r}"

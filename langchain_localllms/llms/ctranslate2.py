@@ -318,6 +318,8 @@ class CTranslate2(LocalLLM):
         hf_config = Path(self.tokenizer_name or "") / "config.json"
         if architecture is None and self.tokenizer_name and hf_config.is_file():
             architecture = read_json(hf_config).get("model_type")  # the HF source dir
+        if architecture is None:  # converted elsewhere: the tokenizer names the family
+            architecture = _tokenizer_family(tok)
         starts = tok("")["input_ids"]
         template = getattr(tok, "chat_template", None)
         return ModelInfo(
@@ -416,3 +418,12 @@ class CTranslate2(LocalLLM):
 
     def _generate_batch(self, prompts: list[str], call: Call) -> list[Row]:
         return self._engine_or_fail().rows(prompts, call.params, call.stops)
+
+    def _choose(self, prompt: str, options: list[str]) -> int | None:
+        return self._engine_or_fail().choose(prompt, options)
+
+
+def _tokenizer_family(tokenizer: Any) -> str | None:
+    """The model family a tokenizer class names (``GemmaTokenizerFast`` -> ``gemma``)."""
+    name = type(tokenizer).__name__.lower().removesuffix("fast").removesuffix("tokenizer")
+    return name or None

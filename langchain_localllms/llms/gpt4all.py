@@ -11,8 +11,9 @@ from pydantic import Field, PrivateAttr, model_validator
 from langchain_localllms._base import Call, LocalLLM, Refused
 from langchain_localllms._files import cpu_count, model_file
 from langchain_localllms._usage import Tally
+from langchain_localllms.prompts import ModelInfo
 from langchain_localllms.runtimes.gpt4all import GPT4AllEngine
-from langchain_localllms.runtimes.llamacpp import gguf_token_ids
+from langchain_localllms.runtimes.llamacpp import gguf_metadata, gguf_special_tokens, gguf_token_ids
 
 
 class GPT4All(LocalLLM):
@@ -181,6 +182,22 @@ class GPT4All(LocalLLM):
             "n_ctx": self.n_ctx,
             **super()._identity(),
         }
+
+    def model_info(self) -> ModelInfo:
+        """Architecture, name and chat template from the GGUF metadata.
+
+        llama.cpp reads them from the file (vocabulary only): gpt4all's bindings cannot.
+        """
+        path = Path(self.model)
+        md = gguf_metadata(path)
+        return ModelInfo(
+            runtime=self._llm_type,
+            model=md.get("general.name") or path.name,
+            architecture=md.get("general.architecture"),
+            chat_template=md.get("tokenizer.chat_template"),
+            context_length=self.n_ctx,
+            **gguf_special_tokens(path),
+        )
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in the model's vocabulary.

@@ -10,7 +10,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from langchain_localllms._base import Call, LocalLLM, Refused
+from langchain_localllms._base import Call, LocalLLM, Refused, Row
 from langchain_localllms._files import cpu_count, model_file
 from langchain_localllms._hub import hub_file
 from langchain_localllms._usage import Tally
@@ -40,6 +40,8 @@ class LlamaCpp(LocalLLM):
     Key init args:
         model_path: the ``.gguf`` file.
         n_ctx, n_batch, n_threads, n_gpu_layers: how llama.cpp runs it.
+        n_parallel: prompts of a batch decoded together (continuous batching).
+        cache_prompt: skip the prefill of a prefix shared with the last prompt.
         temperature, top_p, top_k, min_p, repeat_penalty, max_tokens, seed: sampling.
         grammar / grammar_path: constrain the output (GBNF, JSON schema, pydantic).
 
@@ -75,7 +77,9 @@ class LlamaCpp(LocalLLM):
     (``model_info().context_length`` says what was chosen); 0: the trained context,
     whatever its memory."""
     n_batch: int = Field(default=512, ge=1)
-    """Prompt tokens evaluated per step (larger is faster for long prompts)."""
+    """Prompt tokens evaluated per step (larger is faster for long prompts). A prompt is
+    evaluated in chunks of at most 256 tokens at fixed positions (as fast here), the
+    unit in which a later prompt reuses a shared prefix (``cache_prompt``)."""
     n_threads: int | None = Field(default=None, ge=1)
     """Threads for decoding; default: every CPU this process may use."""
     n_threads_batch: int | None = Field(default=None, ge=1)
@@ -109,6 +113,22 @@ class LlamaCpp(LocalLLM):
     streaming: bool = True
     """Send each token to ``on_llm_new_token`` during ``invoke``/``generate`` too
     (False: callbacks get the answer at its end; ``stream()`` always streams)."""
+    n_parallel: int = Field(default=16, ge=1, le=256)
+    """Prompts of a ``batch``/``abatch`` decoded together, as sequences of one llama.cpp
+    context (1: one prompt at a time). Each sequence has a KV cache of its own, sized
+    for the batch's longest prompt and answer (at most ``n_ctx``); fewer sequences run
+    at once where they would take more than half the memory available."""
+    exact_batches: bool = False
+    """Decode a batch so that every prompt gets exactly its single-call answer: load the
+    weights without llama.cpp's repacked CPU layouts (``CPU_REPACK`` of q4_0, q4_K,
+    iq4_nl), and advance at most 4 sequences per ``llama_decode``. llama.cpp's batched
+    arithmetic otherwise rounds some rows differently, which can change a greedy
+    answer after a few tokens. False (the default): the repacked layouts and every
+    sequence in each ``llama_decode``, for throughput."""
+    cache_prompt: bool = True
+    """Keep the KV cache of the last prompt, so that a prompt sharing a prefix with it
+    skips that prefix's prefill (the answer is the same as without: only KV computed
+    exactly as a cold prefill computes it is reused)."""
 
     max_tokens: int | None = Field(default=256, ge=-1)
     """Most tokens to generate; None, 0 or -1: until the context is full."""
@@ -149,6 +169,7 @@ class LlamaCpp(LocalLLM):
     )  # fmt: skip
 
     _streaming_gates_tokens: ClassVar[bool] = True
+    _live_fields: ClassVar[tuple[str, ...]] = ("n_parallel", "cache_prompt")
     _refused: ClassVar[dict[str, Refused]] = {
         "suffix": Refused(
             "fill-in-the-middle is not implemented; leave it unset", error=ValueError
@@ -282,7 +303,7 @@ class LlamaCpp(LocalLLM):
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         kwargs.update(self.model_kwargs)
-        self._engine = LlamaCppEngine(path, kwargs)
+        self._engine = LlamaCppEngine(path, kwargs, repack=not self.exact_batches)
 
     @property
     def _llm_type(self) -> str:
@@ -322,6 +343,7 @@ class LlamaCpp(LocalLLM):
             "model_path": str(Path(self.model_path).expanduser().resolve()),
             "n_ctx": self.n_ctx,
             "f16_kv": self.f16_kv,
+            "exact_batches": self.exact_batches,
             "lora_path": self.lora_path,
             "rope_freq_base": self.rope_freq_base,
             "rope_freq_scale": self.rope_freq_scale,
@@ -334,4 +356,12 @@ class LlamaCpp(LocalLLM):
         return self._engine_or_fail().token_ids(text)
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
-        yield from self._engine_or_fail().pieces(prompt, call.params, tally)
+        engine = self._engine_or_fail()
+        yield from engine.pieces(prompt, call.params, tally, reuse=self.cache_prompt)
+
+    def _generate_batch(self, prompts: list[str], call: Call) -> list[Row] | None:
+        if self.n_parallel <= 1:
+            return None  # one at a time through the stream, with token callbacks
+        return self._engine_or_fail().rows(
+            prompts, call.params, call.stops, parallel=self.n_parallel, reuse=self.cache_prompt
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field
@@ -257,7 +258,9 @@ class Llamafile(ServerLLM):
         """The chat template and model file the server reports (``GET /props``).
 
         The template is the one the server uses for chat: the model file's own, or
-        llama.cpp's fallback (ChatML) when the file carries none.
+        llama.cpp's fallback (ChatML) when the file carries none. The architecture is
+        read from the GGUF file's header where the server runs on this machine (the
+        file at the reported ``model_path`` can be read), else it is None.
         """
         props = self._endpoint().request_json("/props", method="GET")
         settings = props.get("default_generation_settings") or {}
@@ -265,6 +268,7 @@ class Llamafile(ServerLLM):
         return ModelInfo(
             runtime=self._llm_type,
             model=str(path).rsplit("/", 1)[-1],
+            architecture=_gguf_architecture(str(path)),
             chat_template=props.get("chat_template") or None,
             bos_token=props.get("bos_token") or "",
             eos_token=props.get("eos_token") or "",
@@ -275,6 +279,49 @@ class Llamafile(ServerLLM):
         """Token ids of ``text`` in the served model's vocabulary (``POST /tokenize``)."""
         reply = self._endpoint().request_json("/tokenize", {"content": text})
         return [int(t) for t in reply["tokens"]]
+
+
+#: Sizes of GGUF's fixed-size metadata value types (by type id).
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _gguf_architecture(path: str) -> str | None:
+    """``general.architecture`` from a GGUF file's header; None if it cannot be read.
+
+    Reads the metadata up to that key (llama.cpp writes it first), never the weights.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or struct.unpack("<I", f.read(4))[0] < 2:
+                return None
+            _, n_kv = struct.unpack("<QQ", f.read(16))
+
+            def string() -> bytes:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > 1 << 20:
+                    raise ValueError(n)
+                return f.read(n)
+
+            for _ in range(min(n_kv, 64)):
+                key = string()
+                (kind,) = struct.unpack("<I", f.read(4))
+                if kind == _GGUF_STRING:
+                    value = string()
+                    if key == b"general.architecture":
+                        return value.decode("utf-8")
+                elif kind in _GGUF_SIZES:
+                    f.seek(_GGUF_SIZES[kind], 1)
+                elif kind == _GGUF_ARRAY:
+                    item, count = struct.unpack("<IQ", f.read(12))
+                    if item not in _GGUF_SIZES:
+                        return None  # an array of strings (the vocabulary): stop here
+                    f.seek(_GGUF_SIZES[item] * count, 1)
+                else:
+                    return None
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return None
+    return None
 
 
 def _finish(message: dict[str, Any], tally: Tally) -> None:

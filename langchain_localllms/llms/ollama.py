@@ -69,6 +69,70 @@ def _images(value: Any) -> list[str] | None:
     return out
 
 
+class ChatRequest(str):
+    """A conversation for ``POST /api/chat``, passed where a prompt goes.
+
+    :class:`~langchain_localllms.ChatOllama` hands one to the engine instead of a
+    prompt: the body then carries ``messages`` (and ``tools``) instead of ``prompt``.
+    Its text is the messages' contents, joined: what the context check counts when
+    Ollama says it cut the prompt.
+    """
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    model: str | None
+
+    def __new__(
+        cls,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        model: str | None = None,
+    ) -> ChatRequest:
+        """The request's ``messages`` (Ollama's message dicts), ``tools`` and ``model``."""
+        self = super().__new__(cls, "\n\n".join(str(m.get("content") or "") for m in messages))
+        self.messages = messages
+        self.tools = tools or None
+        self.model = model
+        return self
+
+
+class Thinking(str):
+    """A piece of the model's reasoning (``message.thinking`` of ``/api/chat``).
+
+    Ollama splits it from the answer on the server, for models whose template has
+    a thinking switch; it is never part of the answer's text.
+    """
+
+    __slots__ = ()
+
+
+#: Fields of ``/api/generate`` that ``/api/chat`` does not take.
+GENERATE_ONLY = ("system", "template", "raw", "suffix", "images")
+#: Our fields that go at the top level of an ``/api/chat`` request.
+_CHAT_TOP_LEVEL = ("format", "keep_alive", "think")
+
+
+def capabilities_of(info: dict[str, Any]) -> frozenset[str]:
+    """What a model can do, from its ``/api/show`` reply.
+
+    Ollama 0.6+ lists ``capabilities`` (``completion``, ``tools``, ``thinking``,
+    ``vision``, ``insert``, ``embedding``). Older servers do not: then they are
+    read from the template as Ollama itself infers them (``.Tools`` for tools,
+    ``.Thinking`` for thinking).
+    """
+    listed = info.get("capabilities")
+    if isinstance(listed, list):
+        return frozenset(str(c) for c in listed)
+    template = str(info.get("template") or "")
+    found = {"completion"}
+    if ".Tools" in template:
+        found.add("tools")
+    if ".Thinking" in template:
+        found.add("thinking")
+    return frozenset(found)
+
+
 _log = logging.getLogger("langchain_localllms")
 
 
@@ -413,6 +477,7 @@ class Ollama(ServerLLM):
     _shown: dict[str, Any] | None = PrivateAttr(default=None)
     _served: int | None = PrivateAttr(default=None)
     _served_asked: bool = PrivateAttr(default=False)
+    _others: dict[str, frozenset[str]] = PrivateAttr(default_factory=dict)
 
     _call_fields: ClassVar[tuple[str, ...]] = (*_OPTIONS, *_TOP_LEVEL, "truncate")
     _call_only: ClassVar[tuple[str, ...]] = ("grammar",)  # taken as format=, per call
@@ -678,7 +743,7 @@ class Ollama(ServerLLM):
         return self._served
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
-        yield from super()._pieces(prompt, call, tally)
+        yield from self._exchange(prompt, call, tally)
         context = self._asked_context(call)
         if context is None and tally.prompt_tokens >= SERVED_CONTEXT_FLOOR:
             context = self._server_context()
@@ -687,7 +752,7 @@ class Ollama(ServerLLM):
     async def _apieces(self, prompt: str, call: Call, tally: Tally) -> AsyncIterator[str]:
         if call.params.get("num_ctx") == "auto":
             await self._ainfo()  # the body is built from it, without blocking the loop
-        async for piece in super()._apieces(prompt, call, tally):
+        async for piece in self._aexchange(prompt, call, tally):
             yield piece
         context = self._asked_context(call)  # no request: "auto" was resolved above
         if context is None and tally.prompt_tokens >= SERVED_CONTEXT_FLOOR:
@@ -696,6 +761,37 @@ class Ollama(ServerLLM):
             with contextlib.suppress(*_LOOKUP_ERRORS):
                 await self._ainfo()  # for the message: the model file, to count tokens
         self._check_fit(prompt, call, tally, context)
+
+    def _exchange(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
+        """The server's pieces: ``/api/generate``, or ``/api/chat`` for a :class:`ChatRequest`.
+
+        A chat reply's pieces are its ``content``, and its ``thinking`` as
+        :class:`Thinking` pieces; its tool calls go to ``tally.extra["tool_calls"]``.
+        """
+        if not isinstance(prompt, ChatRequest):
+            yield from super()._pieces(prompt, call, tally)
+            return
+        body, options = self._request(prompt, call)
+        messages = self._endpoint().stream("/api/chat", body, **options)
+        try:
+            for message in messages:
+                yield from self._take_chat(message, tally)
+        finally:
+            messages.close()  # stopped early: the connection closes, the server stops
+
+    async def _aexchange(self, prompt: str, call: Call, tally: Tally) -> AsyncIterator[str]:
+        if not isinstance(prompt, ChatRequest):
+            async for piece in super()._apieces(prompt, call, tally):
+                yield piece
+            return
+        body, options = self._request(prompt, call)
+        messages = self._endpoint().astream("/api/chat", body, **options)
+        try:
+            async for message in messages:
+                for piece in self._take_chat(message, tally):
+                    yield piece
+        finally:
+            await messages.aclose()
 
     def _check_fit(self, prompt: str, call: Call, tally: Tally, context: int | None) -> None:
         """Raise (or warn, with ``truncate=True``) if Ollama cut the prompt."""
@@ -727,14 +823,30 @@ class Ollama(ServerLLM):
     # ----------------------------------------------------------------- request
     def _body(self, prompt: str, call: Call) -> dict[str, Any]:
         p = call.params
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "stream": self.streaming}
         grammar = p.get("grammar")
         if grammar is not None:
             if p["format"] is not None:
                 msg = "give format or grammar, not both"
                 raise ValueError(msg)
             p = {**p, "format": _format(Grammar.coerce(grammar))}
-        body.update({k: p[k] for k in _TOP_LEVEL if p[k] is not None})
+        body: dict[str, Any]
+        if isinstance(prompt, ChatRequest):
+            given = [k for k in GENERATE_ONLY if p[k] is not None]
+            if given:
+                msg = (
+                    f"Ollama's /api/chat takes no {', '.join(given)} (those are "
+                    "/api/generate's): give the system text as a SystemMessage; the server "
+                    "renders the model's own template"
+                )
+                raise TypeError(msg)
+            body = {"model": prompt.model or self.model, "messages": prompt.messages}
+            body["stream"] = self.streaming
+            if prompt.tools:
+                body["tools"] = prompt.tools
+            body.update({k: p[k] for k in _CHAT_TOP_LEVEL if p[k] is not None})
+        else:
+            body = {"model": self.model, "prompt": prompt, "stream": self.streaming}
+            body.update({k: p[k] for k in _TOP_LEVEL if p[k] is not None})
         options = {k: p[k] for k in _OPTIONS if p[k] is not None}
         if options.get("num_ctx") == "auto":
             options["num_ctx"] = self._auto_context()
@@ -759,8 +871,38 @@ class Ollama(ServerLLM):
             tally.completion_tokens += 1  # one token per streamed message
         return str(piece)
 
+    def _take_chat(self, message: dict[str, Any], tally: Tally) -> list[str]:
+        """The pieces of one ``/api/chat`` message: :class:`Thinking`, then content."""
+        said = message.get("message") or {}
+        pieces: list[str] = []
+        thinking = said.get("thinking") or ""
+        if thinking:
+            tally.extra["thinking"] = tally.extra.get("thinking", "") + thinking
+            pieces.append(Thinking(thinking))
+        calls = said.get("tool_calls")
+        if isinstance(calls, list) and calls:
+            tally.extra.setdefault("tool_calls", []).extend(calls)
+        content = str(said.get("content") or "")
+        if self._is_final(message):
+            _finish(message, tally)
+        elif content or thinking:
+            tally.completion_tokens += 1  # one token per streamed message
+        if content:
+            pieces.append(content)
+        return pieces
+
     def _describe_status(self, status: int, text: str) -> str | None:
         url = self._endpoint().url
+        if status == 400 and "does not support thinking" in text:
+            return (
+                f"{text} (Ollama at {url}): this model has no thinking switch in its "
+                "template; leave reasoning (ChatOllama) / think (Ollama) unset or False"
+            )
+        if status == 400 and "does not support tools" in text:
+            return (
+                f"{text} (Ollama at {url}): the model's template has no tools; "
+                "ChatOllama offers tools to such a model in its system prompt instead"
+            )
         if status == 404 and "model" in text.lower() and "not found" in text.lower():
             return (
                 f"model {self.model!r} not found at {url}: run `ollama pull {self.model}` "
@@ -789,6 +931,37 @@ class Ollama(ServerLLM):
             "/api/show", {"model": self.model}, describe=self._describe_status
         )
         return dict(info)
+
+    def capabilities(self, model: str | None = None) -> frozenset[str]:
+        """What the model can do (``completion``, ``tools``, ``thinking``, ...).
+
+        From ``/api/show``'s ``capabilities`` (or its template, on servers before
+        0.6), asked once per instance and model; ``model`` is another model on the
+        same server (None: this instance's).
+
+        Raises:
+            NotFoundError: The model is not pulled (the message says how to pull it).
+            ConnectionError: Ollama is not running at ``base_url``.
+        """
+        if model is None or _full_name(model) == _full_name(self.model):
+            return capabilities_of(self._info())
+        if model not in self._others:
+            info = self._endpoint().request_json(
+                "/api/show", {"model": model}, describe=self._describe_status
+            )
+            self._others[model] = capabilities_of(dict(info))
+        return self._others[model]
+
+    async def acapabilities(self, model: str | None = None) -> frozenset[str]:
+        """The async form of :meth:`capabilities`."""
+        if model is None or _full_name(model) == _full_name(self.model):
+            return capabilities_of(await self._ainfo())
+        if model not in self._others:
+            info = await self._endpoint().arequest_json(
+                "/api/show", {"model": model}, describe=self._describe_status
+            )
+            self._others[model] = capabilities_of(dict(info))
+        return self._others[model]
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in the model's own vocabulary.
@@ -858,4 +1031,4 @@ def _finish(message: dict[str, Any], tally: Tally) -> None:
         tally.extra["load_ms"] = round(message["load_duration"] / 1e6, 3)
 
 
-__all__ = ["Ollama", "PullProgress"]
+__all__ = ["ChatRequest", "Ollama", "PullProgress", "Thinking", "capabilities_of"]

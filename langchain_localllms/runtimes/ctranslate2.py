@@ -156,6 +156,27 @@ class CTranslate2Engine:
                 if wanted:
                     self._unload()
 
+    def choose(self, prompt: str, options: Sequence[str]) -> int:
+        """Which of ``options`` the model finds likeliest to follow ``prompt``.
+
+        Each continuation is scored (``score_batch``: the log-probability of its tokens
+        after the prompt), so the choice is the model's own, among these only.
+        """
+        base = self._encode([prompt], specials=True)[0]
+        joined = self._encode([prompt + o for o in options], specials=True)
+        with self._generator() as generator:
+            results = generator.score_batch(
+                [self._tokens(ids) for ids in joined], max_input_length=0
+            )
+        scores = []
+        for ids, result in zip(joined, results, strict=True):
+            start = next(
+                (i for i, (a, b) in enumerate(zip(base, ids, strict=False)) if a != b), len(base)
+            )
+            # log_probs[i] is the log-probability of ids[i + 1]
+            scores.append(sum(result.log_probs[max(start - 1, 0) :]))
+        return max(range(len(options)), key=scores.__getitem__)
+
     def token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in this model's vocabulary (no special tokens)."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))

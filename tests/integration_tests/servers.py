@@ -11,6 +11,12 @@
   llama-cpp-python on the Gemma GGUF. No Ollama binary can be installed on these
   machines; with a real one, set ``OLLAMA_BASE_URL`` and the tests in
   ``test_ollama.py`` also run against it.
+* :func:`ollama_chat_server` — a second loopback Ollama for ``/api/chat``: the same
+  GGUF served as ``gemma3:270m`` with the Ollama library's gemma3 chat template,
+  and as two models made with ``ollama create`` from it, one whose template has a
+  thinking switch (``gemma3-think:270m``) and one whose template takes tools
+  (``gemma3-tools:270m``). Apart from the first server, whose ``gemma3:270m`` keeps
+  the plain-completion template the LLM tests pin.
 
 Each server starts once per process (the first call) and stops when it exits.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import atexit
 import base64
 import codecs
+import ctypes
 import hashlib
 import json
 import random
@@ -43,6 +50,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 #: The name the loopback Ollama serves Gemma-3-270M under.
 GEMMA = "gemma3:270m"
+#: Names the chat loopback also serves Gemma under (templates with thinking / tools).
+GEMMA_THINK = "gemma3-think:270m"
+GEMMA_TOOLS = "gemma3-tools:270m"
 _STARTED: dict[str, Any] = {}
 _START_LOCK = threading.Lock()
 
@@ -80,6 +90,17 @@ def ollama_server() -> OllamaLoopback:
     (which its registry also has: pulling it again checks the layers, as Ollama does)."""
     return _once(
         "ollama", lambda: OllamaLoopback({GEMMA: gemma_gguf()}, library={GEMMA: gemma_gguf()})
+    )
+
+
+def ollama_chat_server() -> OllamaLoopback:
+    """The loopback Ollama of this process for chat: Gemma as ``gemma3:270m`` with the
+    library's gemma3 template, and as ``gemma3-think:270m`` / ``gemma3-tools:270m``."""
+    templates = {GEMMA: GEMMA3_TEMPLATE, GEMMA_THINK: GEMMA3_THINK_TEMPLATE}
+    templates[GEMMA_TOOLS] = GEMMA3_TOOLS_TEMPLATE
+    return _once(
+        "ollama-chat",
+        lambda: OllamaLoopback(dict.fromkeys(templates, gemma_gguf()), templates=templates),
     )
 
 
@@ -221,6 +242,316 @@ def render_template(template: str, values: dict[str, str]) -> str:
     return out
 
 
+# Ollama's gemma3 template (its repository's template/gemma3-instruct.gotmpl, what the
+# library's gemma3 models carry); the loopback renders it with the Python port in
+# :func:`_render_gemma3`, not with a Go template engine.
+GEMMA3_TEMPLATE = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<start_of_turn>user
+{{- if and (eq $i 1) $.System }}
+{{ $.System }}
+{{ end }}
+{{ .Content }}<end_of_turn>
+{{ else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}<end_of_turn>
+{{ end }}
+{{- if $last }}<start_of_turn>model
+{{ end }}
+{{- end }}
+"""
+#: gemma3's template with a thinking switch, as a Modelfile for ``ollama create`` would
+#: give it: ``.Thinking`` between ``<think>`` tags (Ollama infers the tags from it and
+#: lists the model as ``thinking``) and the thought opened when ``.Think`` is set.
+GEMMA3_THINK_TEMPLATE = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<start_of_turn>user
+{{- if and (eq $i 1) $.System }}
+{{ $.System }}
+{{ end }}
+{{ .Content }}<end_of_turn>
+{{ else if eq .Role "assistant" }}<start_of_turn>model
+{{ if .Thinking }}<think>{{ .Thinking }}</think>
+{{ end }}{{ .Content }}<end_of_turn>
+{{ end }}
+{{- if $last }}<start_of_turn>model
+{{ if $.Think }}<think>
+{{ end }}{{ end }}
+{{- end }}
+"""
+#: gemma3's template with tools: listed in the last user turn, calls written as JSON
+#: objects (so Ollama's tool parser looks for "{"), results as user turns.
+GEMMA3_TOOLS_TEMPLATE = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<start_of_turn>user
+{{- if and (eq $i 1) $.System }}
+{{ $.System }}
+{{ end }}
+{{- if and $last $.Tools }}
+You can call these functions:
+{{- range $.Tools }}
+{{ json .Function }}
+{{- end }}
+To call one, answer with nothing but a JSON object {"name": the function's name, \
+"arguments": its arguments}.
+{{ end }}
+{{ .Content }}<end_of_turn>
+{{ else if eq .Role "assistant" }}<start_of_turn>model
+{{ if .ToolCalls }}{{ range .ToolCalls }}{"name": "{{ .Function.Name }}", \
+"arguments": {{ json .Function.Arguments }}}{{ end }}{{ else }}{{ .Content }}{{ end }}<end_of_turn>
+{{ else if eq .Role "tool" }}<start_of_turn>user
+{{ .Content }}<end_of_turn>
+{{ end }}
+{{- if $last }}<start_of_turn>model
+{{ end }}
+{{- end }}
+"""
+_TOOLS_HOW = (
+    'To call one, answer with nothing but a JSON object {"name": the function\'s name, '
+    '"arguments": its arguments}.'
+)
+_THINKING = re.compile(
+    r"\{\{-?\s*if \.Thinking\s*-?\}\}(.*?)\{\{-?\s*\.Thinking\s*-?\}\}(.*?)\{\{-?\s*end", re.S
+)
+
+
+def template_capabilities(template: str) -> list[str]:
+    """What Ollama lists for a model with this template (``server/images.go``
+    ``Capabilities``): ``tools`` when it uses ``.Tools``, ``thinking`` when it wraps
+    ``.Thinking`` in tags (``thinking.InferTags``). The Gemma-3-270M GGUF has no
+    vision tower (no ``vision.block_count``), so no ``vision``."""
+    caps = ["completion"]
+    if ".Tools" in template:
+        caps.append("tools")
+    if think_tags(template):
+        caps.append("thinking")
+    return caps
+
+
+def think_tags(template: str) -> tuple[str, str] | None:
+    """The tags around ``.Thinking`` in a template (Ollama's ``thinking.InferTags``)."""
+    m = _THINKING.search(template)
+    if not m or not m.group(1).strip() or not m.group(2).strip():
+        return None
+    return m.group(1).strip(), m.group(2).strip()
+
+
+def _collate(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """Ollama's ``template.collate``: consecutive messages of one role (but tool) are
+    merged with a blank line between; the system messages are also ``.System``."""
+    system: list[str] = []
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "system":
+            system.append(m["content"])
+        if out and out[-1]["role"] == m["role"] and m["role"] != "tool":
+            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append(dict(m))
+    return "\n\n".join(system), out
+
+
+def _go_json(value: Any) -> str:
+    """The ``json`` template function: Go's compact ``json.Marshal``."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _render_gemma3(
+    template: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]], think: bool
+) -> str:
+    """The three gemma3 templates above, rendered as Go's text/template would."""
+    system, turns = _collate(messages)
+    out = []
+    for i, m in enumerate(turns):
+        last = i == len(turns) - 1
+        if m["role"] == "user":
+            out.append("<start_of_turn>user")
+            if i == 1 and system:
+                out.append(f"\n{system}\n")
+            if template is GEMMA3_TOOLS_TEMPLATE and last and tools:
+                listing = "".join("\n" + _go_json(t.get("function")) for t in tools)
+                out.append(f"\nYou can call these functions:{listing}\n{_TOOLS_HOW}\n")
+            out.append(f"\n{m['content']}<end_of_turn>\n")
+        elif m["role"] == "assistant":
+            out.append("<start_of_turn>model\n")
+            calls = m.get("tool_calls") or []
+            if template is GEMMA3_TOOLS_TEMPLATE and calls:
+                for call in calls:
+                    function = call.get("function") or {}
+                    args = _go_json(function.get("arguments") or {})
+                    out.append(f'{{"name": "{function.get("name")}", "arguments": {args}}}')
+            else:
+                if template is GEMMA3_THINK_TEMPLATE and m.get("thinking"):
+                    out.append(f"<think>{m['thinking']}</think>\n")
+                out.append(m["content"])
+            out.append("<end_of_turn>\n")
+        elif m["role"] == "tool" and template is GEMMA3_TOOLS_TEMPLATE:
+            out.append(f"<start_of_turn>user\n{m['content']}<end_of_turn>\n")
+        if last:
+            out.append("<start_of_turn>model\n")
+            if template is GEMMA3_THINK_TEMPLATE and think:
+                out.append("<think>\n")
+    return "".join(out) + "\n"
+
+
+def _render_legacy(template: str, messages: list[dict[str, Any]]) -> str:
+    """A template without ``.Messages`` (``template.Execute``'s legacy path): rendered
+    once per user/assistant exchange with ``.System``/``.Prompt``/``.Response``, the
+    last one cut at ``.Response``; tool messages are not shown."""
+    if ".Response" not in template:
+        template += "{{ .Response }}"
+    head = re.split(r"\{\{-?\s*\.Response\s*-?\}\}", template, maxsplit=1)[0]
+    _, turns = _collate(messages)
+    out, values = [], {"System": "", "Prompt": "", "Response": ""}
+    for m in turns:
+        role = m["role"]
+        if (role == "system" and (values["Prompt"] or values["Response"])) or (
+            role == "user" and values["Response"]
+        ):
+            out.append(render_template(template, values))
+            values = {"System": "", "Prompt": "", "Response": ""}
+        key = {"system": "System", "user": "Prompt", "assistant": "Response"}.get(role)
+        if key:
+            values[key] = m["content"]
+    out.append(render_template(head, values))
+    return "".join(out)
+
+
+class _ThinkingParser:
+    """Ollama's ``thinking.Parser``: splits a thought in tags off the start of the text
+    as it streams (a tag split across pieces is held back until it is whole)."""
+
+    def __init__(self, opening: str, closing: str) -> None:
+        self.opening, self.closing = opening, closing
+        self.state = "looking"
+        self.acc = ""
+
+    def add(self, content: str) -> tuple[str, str]:
+        """``(thinking, content)`` of what can be said so far."""
+        self.acc += content
+        thinking, rest, more = [], [], True
+        while more:
+            t, r, more = self._eat()
+            thinking.append(t)
+            rest.append(r)
+        return "".join(thinking), "".join(rest)
+
+    def _eat(self) -> tuple[str, str, bool]:
+        trimmed = self.acc.lstrip()
+        if self.state == "looking":
+            if trimmed.startswith(self.opening):
+                after = trimmed[len(self.opening) :].lstrip()
+                self.acc = after
+                self.state = "started" if not after else "thinking"
+                return "", "", True
+            if self.opening.startswith(trimmed):
+                return "", "", False
+            self.state, untrimmed, self.acc = "done", self.acc, ""
+            return "", untrimmed, False
+        if self.state == "started":
+            if not trimmed:
+                return "", "", False
+            self.state, self.acc = "thinking", trimmed
+            return "", "", True
+        if self.state == "thinking":
+            acc = self.acc
+            if self.closing in acc:
+                at = acc.index(self.closing)
+                remaining = acc[at + len(self.closing) :].lstrip()
+                self.acc = ""
+                self.state = "done" if remaining else "done-eating-whitespace"
+                return acc[:at], remaining, False
+            held = next(
+                (n for n in range(min(len(acc), len(self.closing)), 0, -1)
+                 if acc.endswith(self.closing[:n])),
+                0,
+            )  # fmt: skip
+            self.acc = acc[len(acc) - held :]
+            return acc[: len(acc) - held], "", False
+        if self.state == "done-eating-whitespace":
+            if trimmed:
+                self.state = "done"
+            self.acc = ""
+            return "", trimmed, False
+        acc, self.acc = self.acc, ""
+        return "", acc, False
+
+
+class _ToolParser:
+    """Ollama's tool-call parser (``tools/tools.go``) for a template whose calls are
+    JSON objects, so the tag it looks for is ``{``: text before a ``{`` is content; a
+    whole JSON object naming a tool, with ``arguments`` (or ``parameters``), is a
+    call (``function.index`` counts them, and the server gives each an ``id``); any
+    other object is flushed as content."""
+
+    def __init__(self, tools: list[dict[str, Any]]) -> None:
+        self.names = {str((t.get("function") or {}).get("name")) for t in tools}
+        self.buffer = ""
+        self.parsing = False
+        self.n = 0
+
+    def add(self, text: str) -> tuple[list[dict[str, Any]], str]:
+        self.buffer += text
+        content = ""
+        if not self.parsing:
+            at = self.buffer.find("{")
+            if at < 0:
+                content, self.buffer = self.buffer, ""
+                return [], content
+            content, self.buffer, self.parsing = self.buffer[:at], self.buffer[at:], True
+        calls = []
+        while self.buffer.startswith("{"):
+            end = _object_end(self.buffer)
+            if end is None:
+                break  # not whole yet
+            call = self._call(self.buffer[:end])
+            if call is None:  # an object that is no call: content after all
+                content, self.buffer, self.parsing = content + self.buffer, "", False
+                break
+            calls.append(call)
+            self.buffer = self.buffer[end:].lstrip()
+        return calls, content
+
+    def content(self) -> str:
+        """What is left at the end: nothing once a call was made (``Parser.Content``)."""
+        return "" if self.n else self.buffer
+
+    def _call(self, text: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        args = data.get("arguments", data.get("parameters")) if isinstance(data, dict) else None
+        if data.get("name") not in self.names or not isinstance(args, dict):
+            return None
+        call_id = "call_" + "".join(random.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=8))
+        call = {
+            "id": call_id,
+            "function": {"index": self.n, "name": data["name"], "arguments": args},
+        }
+        self.n += 1
+        return call
+
+
+def _object_end(text: str) -> int | None:
+    """Where the JSON object at the start of ``text`` ends (None: not whole yet)."""
+    depth, quoted, escaped = 0, False, False
+    for i, c in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted:
+            escaped = c == "\\"
+            quoted = c != '"'
+        elif c == '"':
+            quoted = True
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -276,9 +607,53 @@ class OllamaLoopback:
       in chunks, and serves it under the name (``/api/show``'s ``FROM`` names the blob).
     * **Unload.** An empty prompt with ``keep_alive`` 0 frees the model and answers
       one JSON object with ``done_reason: "unload"``.
+    * **format** samples as Ollama's sampler does (``sample/samplers.go``): the token
+      is drawn without the grammar, and only when the grammar rejects it is the
+      grammar applied to every candidate and the token drawn again. Greedy answers
+      are the same as with the grammar applied first, and come several times faster.
+
+    ``POST /api/chat`` (sources: ``docs/api.md``; ``server/routes.go`` ``ChatHandler``,
+    ``template/template.go``, ``thinking/parser.go``, ``thinking/template.go``,
+    ``tools/tools.go``, ``server/images.go`` ``Capabilities`` / ``CheckCapabilities``):
+
+    * **Request.** ``{"model", "messages": [{"role", "content", "thinking",
+      "tool_calls": [{"function": {"name", "arguments": {...}}}], "tool_name"}],
+      "tools", "format", "think", "options", "stream", "keep_alive"}``.
+    * **The model's template renders the conversation**: messages of one role in a
+      row are merged, system messages are also ``.System``. The templates served
+      here are rendered by Python ports (:func:`_render_gemma3` for the gemma3
+      templates, :func:`_render_legacy` for one without ``.Messages``, which shows no
+      tool messages), not by a Go template engine.
+    * **Capabilities**, listed by ``/api/show`` and checked per request:
+      ``completion``; ``tools`` when the template uses ``.Tools``; ``thinking`` when
+      it wraps ``.Thinking`` in tags. ``tools`` to a model without them is HTTP 400
+      ``"registry.ollama.ai/library/<name> does not support tools"``; ``think`` true
+      (or a level) to one without thinking is HTTP 400 ``"\"<model>\" does not
+      support thinking"`` (false is fine); a thinking model thinks when ``think`` is
+      not sent.
+    * **Thinking** (``think`` on): the thought is split off the generated text by
+      Ollama's thinking parser, with the tags of the template; when the prompt ends
+      with the opening tag the text starts inside the thought. Thought text goes to
+      ``message.thinking``, the rest to ``message.content``. Not emulated: Ollama's
+      second pass that applies ``format`` only once a thinking model's thought ends
+      (here ``format`` constrains from the first token).
+    * **Tools**: with ``tools``, Ollama's parser turns generated JSON objects that
+      name a tool into ``message.tool_calls`` (``{"id": "call_...", "function":
+      {"index", "name", "arguments"}}``) and takes them out of ``content``.
+    * **format** (``"json"`` or a JSON schema) constrains decoding, as on
+      ``/api/generate``.
+    * **Reply**: NDJSON messages ``{"model", "created_at", "message": {"role":
+      "assistant", "content", ...}, "done": false}``, then ``"done": true`` with
+      ``done_reason`` and the metrics (no ``context``); with ``"stream": false``, one
+      object with the whole message. An empty ``messages`` loads the model
+      (``done_reason: "load"``), or with ``keep_alive`` 0 unloads it (``"unload"``).
+      Models of one GGUF share its loaded runner (Ollama's scheduler keys runners by
+      model file).
 
     Args:
         models: Model names (``name:tag``) and the GGUF files behind them.
+        templates: Each model's template (its Modelfile's ``TEMPLATE``); models not
+            named get a plain-completion one (``.System``, then ``.Prompt``).
         library: Names the loopback's "registry" has, and the GGUF files behind them.
         n_ctx: The server's default context size (Ollama's ``OLLAMA_CONTEXT_LENGTH``).
         threads: CPU threads for generation.
@@ -288,11 +663,13 @@ class OllamaLoopback:
         self,
         models: dict[str, Path],
         *,
+        templates: dict[str, str] | None = None,
         library: dict[str, Path] | None = None,
         n_ctx: int = 2048,
         threads: int = 2,
     ):
         self.models = {_full_name(k): Path(v) for k, v in models.items()}
+        self.templates = {_full_name(k): v for k, v in (templates or {}).items()}
         self.library = {_full_name(k): Path(v) for k, v in (library or {}).items()}
         self.n_ctx = n_ctx
         self.threads = threads
@@ -335,18 +712,19 @@ class OllamaLoopback:
 
     def show(self, body: dict[str, Any]) -> dict[str, Any]:
         name = self._model(body.get("model") or body.get("name"))
+        template = self._template(name)
         return {
             "license": "Gemma Terms of Use",
-            "modelfile": f"FROM {self.models[name]}\nTEMPLATE {json.dumps(_DEFAULT_TEMPLATE)}\n",
+            "modelfile": f"FROM {self.models[name]}\nTEMPLATE {json.dumps(template)}\n",
             "parameters": "",
-            "template": _DEFAULT_TEMPLATE,
+            "template": template,
             "details": self._details(),
             "model_info": {
                 "general.architecture": "gemma3",
                 "general.parameter_count": 268098176,
                 "gemma3.context_length": self._trained(name),
             },
-            "capabilities": ["completion"],
+            "capabilities": template_capabilities(template),
             "modified_at": _now(),
         }
 
@@ -460,19 +838,15 @@ class OllamaLoopback:
         prompt = body.get("prompt") or ""
         if not isinstance(prompt, str):
             raise _Fail(400, "json: cannot unmarshal prompt into a string")
-        if body.get("think"):
+        if body.get("think") and "thinking" not in template_capabilities(self._template(name)):
             raise _Fail(400, f'"{body["model"]}" does not support thinking')
+        if body.get("think"):
+            raise _Fail(501, "this loopback emulates think on /api/chat only")
         if body.get("suffix"):
             raise _Fail(400, f"{name} does not support insert")
         if body.get("images"):
             raise _Fail(400, f"{name} does not support image input")
-        options = body.get("options") or {}
-        if not isinstance(options, dict):
-            raise _Fail(400, "json: cannot unmarshal options into an object")
-        for key in sorted(set(options) - KNOWN_OPTIONS):
-            self.warnings.append(f"invalid option provided: {key}")
-        # Ollama skips null options (langchain_community's client sends every one).
-        options = {k: v for k, v in options.items() if v is not None}
+        options = self._options(body)
         grammar = self._grammar(body.get("format"))
         if not prompt:
             unload = body.get("keep_alive") in (0, "0", "0s", "0m")
@@ -485,10 +859,15 @@ class OllamaLoopback:
             return
         raw = bool(body.get("raw"))
         text = prompt
-        if not raw:
+        template = self._template(name)
+        if not raw and not body.get("template") and ".Messages" in template:
+            # Ollama's chat-like flow: the system text and the prompt as two messages.
+            turns = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+            text = self._chat_prompt(name, [*turns, {"role": "user", "content": prompt}], [], False)
+        elif not raw:
             try:
                 text = render_template(
-                    body.get("template") or _DEFAULT_TEMPLATE,
+                    body.get("template") or template,
                     {"System": body.get("system") or "", "Prompt": prompt},
                 )
             except ValueError as e:
@@ -499,7 +878,105 @@ class OllamaLoopback:
         if body.get("keep_alive") in (0, "0", "0s", "0m"):
             self._loaded.pop(name, None)
 
+    def chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The messages of one ``/api/chat`` reply (see the class docstring)."""
+        name = self._model(body.get("model"))
+        messages = body.get("messages") or []
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise _Fail(400, "json: cannot unmarshal messages into []api.Message")
+        turns = []
+        for m in messages:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content", ""), str):
+                raise _Fail(400, "json: cannot unmarshal message into api.Message")
+            turns.append({**m, "content": m.get("content") or ""})
+        tools = body.get("tools") or []
+        if not isinstance(tools, list):
+            raise _Fail(400, "json: cannot unmarshal tools into api.Tools")
+        template = self._template(name)
+        caps = template_capabilities(template)
+        if tools and "tools" not in caps:
+            raise _Fail(400, f"registry.ollama.ai/library/{name} does not support tools")
+        think = body.get("think")
+        if "thinking" in caps and think is None:
+            think = True  # a thinking model thinks unless told not to
+        elif "thinking" not in caps and think not in (None, False):
+            raise _Fail(400, f'"{body["model"]}" does not support thinking')
+        options = self._options(body)
+        grammar = self._grammar(body.get("format"))
+        model = body["model"]
+        if not turns:
+            unload = body.get("keep_alive") in (0, "0", "0s", "0m")
+            if unload:
+                self._loaded.pop(name, None)
+            yield {
+                "model": model, "created_at": _now(),
+                "message": {"role": "assistant", "content": ""}, "done": True,
+                "done_reason": "unload" if unload else "load",
+            }  # fmt: skip
+            return
+        prompt = self._chat_prompt(name, turns, tools, bool(think))
+        tags = think_tags(template) if think else None
+        thoughts = _ThinkingParser(*tags) if tags else None
+        if thoughts is not None and prompt.strip().endswith(thoughts.opening):
+            thoughts.add(thoughts.opening)  # the template opened the thought
+        calls = _ToolParser(tools) if tools else None
+        fault = self._faults.pop(0) if self._faults else None
+        with self._lock:
+            for out in self._run(name, model, prompt, options, grammar, True, fault):
+                if "__fault__" in out:
+                    yield out
+                    return
+                done = bool(out.get("done"))
+                content, thinking, found = out.get("response", ""), "", []
+                if thoughts is not None:
+                    thinking, content = thoughts.add(content)
+                if calls is not None:
+                    found, content = calls.add(content)
+                    if done:
+                        content += calls.content()
+                if not (content or thinking or found or done):
+                    continue  # nothing to say yet
+                said: dict[str, Any] = {"role": "assistant", "content": content}
+                if thinking:
+                    said["thinking"] = thinking
+                if found:
+                    said["tool_calls"] = found
+                reply = {k: v for k, v in out.items() if k not in ("response", "context")}
+                yield {**reply, "message": said}
+        if body.get("keep_alive") in (0, "0", "0s", "0m"):
+            self._loaded.pop(name, None)
+
     # ------------------------------------------------------------------ helpers
+    def _template(self, name: str) -> str:
+        return self.templates.get(name, _DEFAULT_TEMPLATE)
+
+    def _chat_prompt(
+        self, name: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]], think: bool
+    ) -> str:
+        template = self._template(name)
+        if template in (GEMMA3_TEMPLATE, GEMMA3_THINK_TEMPLATE, GEMMA3_TOOLS_TEMPLATE):
+            template = next(
+                t for t in (GEMMA3_TEMPLATE, GEMMA3_THINK_TEMPLATE, GEMMA3_TOOLS_TEMPLATE)
+                if t == template
+            )  # fmt: skip
+            return _render_gemma3(template, messages, tools, think)
+        if ".Messages" in template:
+            msg = "template: this loopback renders only the gemma3 chat templates it defines"
+            raise _Fail(500, msg)
+        try:
+            return _render_legacy(template, messages)
+        except ValueError as e:
+            raise _Fail(500, str(e)) from e
+
+    def _options(self, body: dict[str, Any]) -> dict[str, Any]:
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise _Fail(400, "json: cannot unmarshal options into an object")
+        for key in sorted(set(options) - KNOWN_OPTIONS):
+            self.warnings.append(f"invalid option provided: {key}")
+        # Ollama skips null options (langchain_community's client sends every one).
+        return {k: v for k, v in options.items() if v is not None}
+
     def _model(self, model: Any) -> str:
         if not model or not isinstance(model, str):
             raise _Fail(400, "model is required")
@@ -558,6 +1035,10 @@ class OllamaLoopback:
         if name in self._loaded and self._loaded[name][1] == ctx:
             return self._loaded[name][0], 0
         self._loaded.pop(name, None)
+        for other, (llama, other_ctx) in list(self._loaded.items()):
+            if self.models[other] == self.models[name] and other_ctx == ctx:
+                self._loaded[name] = (llama, ctx)  # one runner per model file
+                return llama, 0
         import llama_cpp
 
         t0 = time.perf_counter_ns()
@@ -565,6 +1046,7 @@ class OllamaLoopback:
             model_path=str(self.models[name]), n_ctx=ctx, n_threads=self.threads,
             n_threads_batch=self.threads, verbose=False,
         )  # fmt: skip
+        _sample_as_ollama(llama)
         self._loaded[name] = (llama, ctx)
         return llama, time.perf_counter_ns() - t0
 
@@ -672,6 +1154,74 @@ def _common_prefix(llama: Any, tokens: list[int]) -> int:
             break
         n += 1
     return n
+
+
+class _GrammarLast:
+    """Ollama's sampler with a grammar (``sample/samplers.go`` ``Sampler.Sample``): the
+    token is sampled without the grammar, and only when the grammar rejects it is the
+    grammar applied to the whole vocabulary and the token sampled again. (llama.cpp's
+    chain applies the grammar to all 262k candidates every step.) The two chains keep
+    the same history, so greedy decoding picks what the grammar-first chain picks."""
+
+    def __init__(self, free: Any, full: Any, model: Any, grammar: Any, last_n: int) -> None:
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self.free, self.full, self.last_n = free, full, last_n
+        self.check = llama_cpp.llama_sampler_init_grammar(
+            model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+        )
+        self.history: list[int] = []
+
+    def sample(self, ctx: Any, idx: int = -1) -> int:
+        lc = self._llama_cpp
+        token = self.free.sample(ctx, idx)
+        one = (lc.llama_token_data * 1)(lc.llama_token_data(token, 0.0, 0.0))
+        candidates = lc.llama_token_data_array(
+            ctypes.cast(one, lc.llama_token_data_p), 1, -1, False
+        )
+        lc.llama_sampler_apply(self.check, ctypes.byref(candidates))
+        if one[0].logit != float("-inf"):
+            self.full.accept(token)
+        else:  # rejected: the grammar on every candidate, and sample again
+            token = self.full.sample(ctx, idx)
+            self.free.reset()  # it took the rejected token: give it the true history
+            for t in self.history[-self.last_n :]:
+                self.free.accept(t)
+            self.free.accept(token)
+        lc.llama_sampler_accept(self.check, token)
+        self.history.append(token)
+        return token
+
+    def accept(self, token: int) -> None:
+        self.free.accept(token)
+        self.full.accept(token)
+        self._llama_cpp.llama_sampler_accept(self.check, token)
+        self.history.append(token)
+
+    def close(self) -> None:
+        if self.check is not None:
+            self._llama_cpp.llama_sampler_free(self.check)
+            self.check = None
+        self.free.close()
+        self.full.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _sample_as_ollama(llama: Any) -> None:
+    """Make ``llama`` sample under a grammar as Ollama does (:class:`_GrammarLast`)."""
+    init = llama._init_sampler
+
+    def init_sampler(**kwargs: Any) -> Any:
+        grammar = kwargs.get("grammar")
+        if grammar is None:
+            return init(**kwargs)
+        free = init(**{**kwargs, "grammar": None})
+        return _GrammarLast(free, init(**kwargs), llama._model, grammar, llama.last_n_tokens_size)
+
+    llama._init_sampler = init_sampler
 
 
 def _decode(llama: Any, tokens: list[int], ctx: int, keep: int, **sampling: Any) -> Iterator[int]:
@@ -803,6 +1353,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, self.app.show(body))
             elif self.path == "/api/generate":
                 self._generate(body)
+            elif self.path == "/api/chat":
+                self._chat(body)
             elif self.path == "/api/pull":
                 self._pull(body)
             else:
@@ -849,6 +1401,37 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             messages.close()  # ends generation and frees the model for the next request
+
+    def _chat(self, body: dict[str, Any]) -> None:
+        messages = self.app.chat(body)
+        first = next(messages)  # errors in the request surface here, before any reply
+        try:
+            if first.get("done") or body.get("stream") is False:
+                self._whole_chat(first, messages)
+            else:
+                self._stream(first, messages)
+        except OSError:
+            self.close_connection = True
+        finally:
+            messages.close()
+
+    def _whole_chat(self, first: dict[str, Any], messages: Iterator[dict[str, Any]]) -> None:
+        """``"stream": false`` on ``/api/chat``: one object holding the whole message."""
+        said: dict[str, Any] = {"role": "assistant", "content": ""}
+        final = None
+        for message in _chain(first, messages):
+            if "__fault__" in message:
+                self._json(500, {"error": "an error was encountered while running the model"})
+                return
+            part = message.get("message") or {}
+            said["content"] += part.get("content") or ""
+            if part.get("thinking"):
+                said["thinking"] = said.get("thinking", "") + part["thinking"]
+            if part.get("tool_calls"):
+                said["tool_calls"] = [*said.get("tool_calls", []), *part["tool_calls"]]
+            final = message
+        assert final is not None
+        self._json(200, {**final, "message": said})
 
     def _whole(self, first: dict[str, Any], messages: Iterator[dict[str, Any]]) -> None:
         """``"stream": false``: one JSON object holding the whole answer."""

@@ -174,3 +174,60 @@ def test_a_closed_chat_model_refuses_later_use():
     chat.close()
     with pytest.raises(ClosedError):
         chat.invoke("Hi")
+
+
+#: A chat template in the Hermes style (Qwen 2.5 / 3 and others): it lists the tools
+#: itself and teaches calls between <tool_call> tags.
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>\n"
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>\n"
+    'Return calls as <tool_call>\n{"name": <function-name>, "arguments": <args>}\n'
+    "</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n"
+    "{% for c in m.tool_calls %}<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}'
+    "\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def hermes_chat():
+    path = str(modelkit.prepare("tiny-chat-gguf"))
+    with ChatLlamaCpp(model_path=path, n_ctx=1024, max_tokens=48, temperature=0,
+                      chat_template=HERMES_TEMPLATE) as chat:  # fmt: skip
+        yield chat
+
+
+def test_a_hermes_template_gets_the_tools_and_calls_in_its_own_syntax(hermes_chat):
+    call = {"name": "add", "args": {"a": 1, "b": 2}, "id": "call_1", "type": "tool_call"}
+    turns = [
+        HumanMessage("1 plus 2?"),
+        AIMessage("", tool_calls=[call]),
+        ToolMessage("3", tool_call_id="call_1"),
+    ]
+    prompt = hermes_chat._turn(turns, {"tools": [add], "tool_choice": "auto"}).prompt
+    assert '"name": "add"' in prompt.split("</tools>")[0]  # the template listed the tool
+    assert "You can call these tools" not in prompt  # and our own listing is not needed
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in prompt
+    assert "<tool_response>\n3\n</tool_response>" in prompt
+
+
+def test_a_forced_call_in_hermes_syntax_always_validates(hermes_chat):
+    # The tiny model's weights are random: only the grammar makes these valid calls
+    # (integer arguments, so that the call fits in the token limit).
+    for question in ("2 plus 40?", "Hi", "Add 7 and 8."):
+        message = hermes_chat.bind_tools([add], tool_choice="any").invoke(question, max_tokens=96)
+        (call,) = message.tool_calls
+        assert call["name"] == "add" and message.content == ""
+        assert all(isinstance(call["args"][k], int) for k in ("a", "b"))
+
+
+def test_auto_in_hermes_syntax_is_text_or_a_valid_call(hermes_chat):
+    for question in ("Hi", "2 plus 40?", "Weather in Rome?"):
+        message = hermes_chat.bind_tools([add], tool_choice="auto").invoke(question)
+        assert message.tool_calls or (message.content and "<tool_call>" not in message.content)

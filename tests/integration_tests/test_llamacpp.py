@@ -292,3 +292,154 @@ def test_n_ctx_auto_needs_the_trained_context_in_the_file(model_path, monkeypatc
     monkeypatch.setattr(runtime, "gguf_metadata", lambda path: {"general.architecture": "x"})
     with pytest.raises(ValueError, match="x.context_length; give n_ctx as a number"):
         LlamaCpp(model_path=str(model_path("gemma-gguf")), n_ctx="auto")
+
+
+# ------------------------------------------- batches in one context, exact prefix reuse
+TINY_PROMPTS = [
+    "The first man on the moon was",
+    "My favourite colour is",
+    "Red cat and blue dog",
+    "Once upon a time",
+    "The capital of France is",
+    "One, two, three, four,",
+    "A list of fruits:",
+]
+
+
+def _without_timings(info):
+    return {k: v for k, v in info.items() if k not in ("timings", "cached_tokens")}
+
+
+@pytest.fixture(scope="module")
+def tiny_batch(model_path):
+    # 2 sequences at a time: a batch of 7 prompts runs through them in turn.
+    return LlamaCpp(
+        model_path=str(model_path("tiny-gguf")), f16_kv=False, n_ctx=1024, n_parallel=2, **GREEDY
+    )
+
+
+def test_a_batch_decodes_its_prompts_together_and_answers_as_single_calls(tiny_batch):
+    expected = [tiny_batch.invoke(p) for p in TINY_PROMPTS]
+    before = tiny_batch._engine.prefilled
+    assert tiny_batch.batch(TINY_PROMPTS) == expected
+    assert asyncio.run(tiny_batch.abatch(TINY_PROMPTS)) == expected
+    slots = tiny_batch._engine._slots_box[0]  # the batch context: 2 KV streams
+    assert slots.n_seq == 2
+    assert tiny_batch._engine.prefilled > before  # the batch evaluated its prompts itself
+
+
+def test_batch_usage_and_finish_reasons_are_those_of_single_calls(tiny_batch):
+    singles = [tiny_batch.generate([p]).generations[0][0] for p in TINY_PROMPTS[:4]]
+    result = tiny_batch.generate(TINY_PROMPTS[:4], max_tokens=5)
+    capped = [tiny_batch.generate([p], max_tokens=5).generations[0][0] for p in TINY_PROMPTS[:4]]
+    for got, want in zip(result.generations, capped, strict=True):
+        assert got[0].text == want.text
+        assert _without_timings(got[0].generation_info) == _without_timings(want.generation_info)
+        assert got[0].generation_info["timings"]["completion_ms"] > 0
+    usage = result.llm_output["token_usage"]
+    assert usage["completion_tokens"] == sum(g.generation_info["completion_tokens"] for g in capped)
+    full = tiny_batch.generate(TINY_PROMPTS[:4])
+    assert [g[0].text for g in full.generations] == [g.text for g in singles]
+
+
+def test_batch_stops_each_sequence_at_its_own_stop(tiny_batch):
+    answers = [tiny_batch.invoke(p) for p in TINY_PROMPTS[:4]]
+    stop = answers[0].split()[1]  # a word of the first answer; others may not hold it
+    expected = [tiny_batch.generate([p], stop=[stop]).generations[0][0] for p in TINY_PROMPTS[:4]]
+    got = tiny_batch.generate(TINY_PROMPTS[:4], stop=[stop]).generations
+    assert [g[0].text for g in got] == [g.text for g in expected]
+    assert [_without_timings(g[0].generation_info) for g in got] == [
+        _without_timings(g.generation_info) for g in expected
+    ]
+    assert got[0][0].generation_info["stop_sequence"] == stop
+
+
+def test_batch_seeds_sample_as_single_calls(tiny_batch):
+    options = {"temperature": 1.0, "seed": 11, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    expected = [tiny_batch.invoke(p, **options) for p in TINY_PROMPTS]
+    assert tiny_batch.batch(TINY_PROMPTS, **options) == expected
+
+
+def test_batch_grammar_constrains_every_sequence(gemma):
+    # Three sequences: Gemma's decode steps then compute each row as a single call does.
+    prompts = [
+        'A person in JSON: {"name": "Ada", "age": 36}\nDescribe a person in JSON format:',
+        "Describe a person in JSON format:",
+        "A JSON object:",
+    ]
+    singles = [gemma.invoke(p, grammar=Person, max_tokens=48) for p in prompts]
+    outs = gemma.batch(prompts, grammar=Person, max_tokens=48)
+    assert outs == singles
+    assert all(Person.model_validate_json(o) for o in outs)
+
+
+def test_batch_gives_an_over_long_prompt_its_own_error(model_path):
+    llm = LlamaCpp(model_path=str(model_path("tiny-gguf")), f16_kv=False, n_ctx=256, **GREEDY)
+    long = "word " * 400
+    good = TINY_PROMPTS[:3]
+    outs = llm.batch([good[0], long, good[1], good[2]], return_exceptions=True)
+    assert isinstance(outs[1], ContextOverflowError)
+    assert outs[1].context == 256
+    assert [outs[0], *outs[2:]] == [llm.invoke(p) for p in good]
+    with pytest.raises(ContextOverflowError, match="larger n_ctx"):
+        llm.batch([good[0], long])
+
+
+def test_n_parallel_1_generates_one_prompt_at_a_time(model_path):
+    llm = LlamaCpp(model_path=str(model_path("tiny-gguf")), n_ctx=256, n_parallel=1, **GREEDY)
+    assert llm.batch(TINY_PROMPTS[:3]) == [llm.invoke(p) for p in TINY_PROMPTS[:3]]
+    assert llm._engine._slots_box == []  # no batch context was made
+
+
+FEW_SHOT = "".join(f"Q: What is {i} plus {i + 1}? A: {2 * i + 1}.\n" for i in range(50))
+QUESTIONS = [f"Q: What is {a} plus {b}? A:" for a, b in [(7, 5), (12, 30), (3, 3)]]
+
+
+def test_a_shared_prefix_is_prefilled_once_and_answers_as_a_cold_call(model_path, gemma):
+    # Gemma 3 has sliding-window attention: its shared prefix (~930 tokens) is longer
+    # than the window (512), and is reused all the same, in whole 256-token chunks.
+    cold = LlamaCpp(model_path=str(model_path("gemma-gguf")), cache_prompt=False, **GREEDY)
+    prefix_tokens = len(gemma.get_token_ids(FEW_SHOT))
+    assert prefix_tokens > 768
+    gemma.invoke(FEW_SHOT + QUESTIONS[0])
+    for q in QUESTIONS[1:]:
+        before = gemma._engine.prefilled
+        gen = gemma.generate([FEW_SHOT + q]).generations[0][0]
+        evaluated = gemma._engine.prefilled - before
+        info = gen.generation_info
+        assert info["cached_tokens"] >= prefix_tokens // 256 * 256
+        assert evaluated == info["prompt_tokens"] - info["cached_tokens"]
+        assert evaluated < 256 + 32  # the prefix's last part chunk and the question
+        assert gen.text == cold.invoke(FEW_SHOT + q)
+    # The same prompt again, and a conversation that grows by its own answer.
+    first = gemma.invoke(FEW_SHOT + QUESTIONS[0])
+    assert gemma.invoke(FEW_SHOT + QUESTIONS[0]) == first == cold.invoke(FEW_SHOT + QUESTIONS[0])
+    longer = FEW_SHOT + QUESTIONS[0] + first + "\nQ: What is 8 plus 9? A:"
+    gen = gemma.generate([longer]).generations[0][0]
+    assert gen.generation_info["cached_tokens"] >= prefix_tokens // 256 * 256
+    assert gen.text == cold.invoke(longer)
+    cold.close()
+
+
+def test_cache_prompt_false_prefills_every_prompt_whole(model_path):
+    llm = LlamaCpp(
+        model_path=str(model_path("tiny-gguf")), n_ctx=1024, cache_prompt=False, **GREEDY
+    )
+    few_shot = FEW_SHOT[: len(FEW_SHOT) // 2]  # ~600 tokens of the tiny model's
+    llm.invoke(few_shot + QUESTIONS[0])
+    before = llm._engine.prefilled
+    gen = llm.generate([few_shot + QUESTIONS[1]]).generations[0][0]
+    assert gen.generation_info["cached_tokens"] == 0
+    assert llm._engine.prefilled - before == gen.generation_info["prompt_tokens"]
+
+
+def test_a_batch_shares_its_prompts_prefix_between_sequences(tiny_batch):
+    few_shot = FEW_SHOT[: len(FEW_SHOT) // 2]  # ~600 tokens of the tiny model's
+    prompts = [few_shot + q for q in QUESTIONS] + [few_shot + "Q: What is 1 plus 1? A:"]
+    expected = [tiny_batch.invoke(p) for p in prompts]
+    result = tiny_batch.generate(prompts)
+    assert [g[0].text for g in result.generations] == expected
+    cached = [g[0].generation_info["cached_tokens"] for g in result.generations]
+    shared = len(tiny_batch.get_token_ids(few_shot)) // 256 * 256
+    assert shared >= 512
+    assert all(c >= shared for c in cached[1:])  # copied or kept from another sequence

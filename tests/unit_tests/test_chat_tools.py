@@ -8,6 +8,9 @@ import pytest
 from langchain_core.tools import tool
 
 from langchain_localllms.chat_models._tools import (
+    HERMES,
+    PLAIN,
+    CallSyntax,
     ToolCallError,
     ToolSpec,
     call_grammar,
@@ -90,11 +93,23 @@ def test_the_grammars_are_gbnf_that_allow_a_call_or_text():
     forced = call_grammar(SPECS[1:], forced=True)
     either = call_grammar(SPECS, forced=False)
     assert "root ::=" in forced.gbnf
-    assert either.gbnf.startswith("root ::= call | text")
+    assert either.gbnf.startswith("root ::= json-call | text")
     assert "add" in forced.gbnf
     assert "get_weather" not in forced.gbnf  # only the chosen tool can be called
     assert "add" in either.gbnf
     assert "get_weather" in either.gbnf
+
+
+def test_a_template_with_hermes_tags_gets_calls_between_them():
+    template = "{% for t in tools %}{{ t }}{% endfor %} <tool_call></tool_call>"
+    syntax = CallSyntax.of(template)
+    assert syntax is HERMES and CallSyntax.of("{{ messages }}") is PLAIN
+    forced = call_grammar(SPECS[1:], forced=True, syntax=syntax)
+    assert forced.gbnf.startswith('root ::= "<tool_call>\\n" json-call "\\n</tool_call>"')
+    text = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 40}}\n</tool_call>'
+    assert parse_call(text, SPECS, forced=True, syntax=syntax)["args"] == {"a": 2, "b": 40}
+    # Text that could still become the opening tag is not decided yet; other text is text.
+    assert [syntax.starts(t) for t in ("<tool", "<b>", "Hi", "  ")] == [None, False, False, None]
 
 
 def test_specs_keep_the_schema_a_template_and_a_grammar_need():

@@ -1,0 +1,75 @@
+"""LlamaCpp's exact prefix reuse: which KV a later prompt may keep (no model needed).
+
+llama.cpp computes a token differently by the batch (``llama_decode``) it is in: its
+kernels choose their path and tiling by the number of tokens. A reused prefix gives a
+cold call's answer when every reused token was computed in the very chunk (same
+tokens, same positions, same KV before it) that a cold prefill of the new prompt
+would compute it in. These tests check the plan keeps that, with no assumption about
+the kernels.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from langchain_localllms.runtimes.llamacpp import (
+    canonical_length,
+    prefill_chunks,
+    reusable_length,
+)
+
+
+def test_chunks_are_aligned_and_cover_the_range():
+    assert prefill_chunks(0, 600, 256) == [(0, 256), (256, 512), (512, 600)]
+    assert prefill_chunks(300, 600, 256) == [(300, 512), (512, 600)]
+    assert prefill_chunks(5, 5, 256) == []
+    assert prefill_chunks(0, 3, 1) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="chunk"):
+        prefill_chunks(0, 3, 0)
+
+
+def test_reuse_is_in_whole_chunks_before_the_first_difference():
+    tokens = list(range(1100))
+    assert reusable_length(tokens, tokens, 256) == 1024
+    assert reusable_length(tokens[:700] + [-1] * 400, tokens, 256) == 512
+    assert reusable_length(tokens[:200], tokens, 256) == 0
+    assert reusable_length([], tokens, 256) == 0
+
+
+def test_at_least_one_token_is_left_to_evaluate():
+    tokens = list(range(512))
+    assert reusable_length(tokens, tokens, 256) == 256  # 512 would leave nothing
+    assert reusable_length(tokens, tokens[:257], 256) == 256
+    assert reusable_length(tokens, tokens[:256], 256) == 0
+
+
+def test_only_whole_chunks_of_a_prompt_are_kept_for_later():
+    assert canonical_length(1100, 256) == 1024
+    assert canonical_length(1024, 256) == 1024
+    assert canonical_length(100, 256) == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64])
+def test_every_reused_token_was_computed_in_the_chunk_a_cold_prefill_uses(chunk):
+    rng = random.Random(chunk)
+    base = [rng.randrange(50) for _ in range(400)]
+    cached: list[int] = []
+    # Per position in the cache: (token, the chunk it was computed in). A token's KV
+    # depends on its chunk and on the KV before it, so equal chunks all the way
+    # from the start mean equal KV.
+    computed: list[tuple[int, tuple[int, int]]] = []
+    for _ in range(300):
+        n = rng.randrange(1, 300)
+        share = rng.randrange(0, n + 1)
+        tokens = base[:share] + [rng.randrange(50, 99) for _ in range(n - share)]
+        cold = {i: c for c in prefill_chunks(0, n, chunk) for i in range(*c)}
+        keep = reusable_length(cached, tokens, chunk)
+        assert 0 <= keep < n
+        assert tokens[:keep] == cached[:keep]
+        warm = {i: c for c in prefill_chunks(keep, n, chunk) for i in range(*c)}
+        now = [computed[i] if i < keep else (tokens[i], warm[i]) for i in range(n)]
+        assert now == [(tokens[i], cold[i]) for i in range(n)], (keep, n)
+        computed = now
+        cached = tokens[: canonical_length(n, chunk)]
