@@ -443,3 +443,15 @@ def test_a_batch_shares_its_prompts_prefix_between_sequences(tiny_batch):
     shared = len(tiny_batch.get_token_ids(few_shot)) // 256 * 256
     assert shared >= 512
     assert all(c >= shared for c in cached[1:])  # copied or kept from another sequence
+
+
+def test_exact_batches_give_each_prompt_its_single_call_answer(model_path):
+    # 8 prompts, 6 sequences: two llama_decode calls a step (4 + 2), then 2 sequences.
+    llm = LlamaCpp(
+        model_path=str(model_path("gemma-gguf")), n_parallel=6, exact_batches=True, **GREEDY
+    )
+    prompts = [f"Fact number {i} about the moon is that" for i in range(8)]
+    assert llm.batch(prompts) == [llm.invoke(p) for p in prompts]
+    assert llm.client.model_params.use_extra_bufts is False  # weights not repacked
+    assert llm._identifying_params["exact_batches"] is True  # in the cache key
+    llm.close()
