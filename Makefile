@@ -61,15 +61,19 @@ unit: install ## Unit tests (no network, no models)
 	$(PYTEST) tests/unit_tests --disable-socket --allow-unix-socket
 
 integration: install models llama-server ## Integration tests on real models and loopback servers
-	$(PYTEST) tests/integration_tests --ignore=tests/integration_tests/test_openvino.py
+	$(PYTEST) tests/integration_tests --ignore=tests/integration_tests/test_openvino.py \
+		--ignore=tests/integration_tests/test_chat_openvino.py
 	LOCALLLMS_DOCS_ENV=openvino $(OV_VENV)/bin/python -m pytest -p no:cacheprovider \
-		tests/integration_tests/test_openvino.py tests/integration_tests/test_docs.py
+		tests/integration_tests/test_openvino.py tests/integration_tests/test_chat_openvino.py \
+		tests/integration_tests/test_docs.py
 
 test: install models llama-server ## Everything: unit + integration (real models) + docs
 	$(PYTEST) tests/unit_tests --disable-socket --allow-unix-socket
-	$(PYTEST) tests/integration_tests --ignore=tests/integration_tests/test_openvino.py
+	$(PYTEST) tests/integration_tests --ignore=tests/integration_tests/test_openvino.py \
+		--ignore=tests/integration_tests/test_chat_openvino.py
 	LOCALLLMS_DOCS_ENV=openvino $(OV_VENV)/bin/python -m pytest -p no:cacheprovider \
-		tests/integration_tests/test_openvino.py tests/integration_tests/test_docs.py
+		tests/integration_tests/test_openvino.py tests/integration_tests/test_chat_openvino.py \
+		tests/integration_tests/test_docs.py
 
 # The bench environment is .venv plus langchain_community and matplotlib, which stay
 # out of .venv: a .pth file adds .venv's packages behind the bench venv's own, so pip

@@ -462,8 +462,8 @@ class LocalLLM(BaseLLM):
     def _choose(self, prompt: str, options: list[str]) -> int | None:
         """Which of ``options`` the model would write after ``prompt``, if it can say.
 
-        None: the runtime cannot score text. For runtimes without grammars: a choice among fixed continuations (which tool
-        to call) that is still the model's.
+        None: the runtime cannot score text. For runtimes without grammars: a choice
+        among fixed continuations (which tool to call) that is still the model's.
         """
         return None
 

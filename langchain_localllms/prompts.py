@@ -180,7 +180,7 @@ def _tojson(
     separators: tuple[str, str] | None = None,
     sort_keys: bool = False,
 ) -> str:
-    """``tojson`` as Hugging Face's chat templates expect it: plain JSON, no HTML escapes.
+    r"""``tojson`` as Hugging Face's chat templates expect it: plain JSON, no HTML escapes.
 
     (Jinja's own writes ``<`` as ``\\u003c``, which a model never saw in training.)
     """

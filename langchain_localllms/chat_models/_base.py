@@ -98,6 +98,8 @@ class _Turn:
     prefix: str = ""
     #: The answer is one JSON value and nothing after it (no grammar ends it).
     json_only: bool = False
+    #: The schema of a JSON-only answer that is not a call (its fields end it early).
+    schema: dict[str, Any] | None = None
     #: The template opened a thought (``<think>``) in the generation prompt.
     thinking: bool = False
 
@@ -247,6 +249,7 @@ class LocalChatModel(BaseChatModel):
         syntax = CallSyntax.of(template)
         turns = [_as_dict(m, template, syntax) for m in messages]
         prefix, json_only = "", False
+        answer_schema: dict[str, Any] | None = None
         instruction = None
         forced: list[ToolSpec] = []
         extra = self._thinking_switch(template)
@@ -271,6 +274,7 @@ class LocalChatModel(BaseChatModel):
             else:
                 instruction = _json_instruction(schema)
                 prefix, json_only = object_prefix(schema), True
+                answer_schema = schema
         if instruction is not None:
             if turns and turns[0]["role"] == "system":
                 turns[0] = {**turns[0], "content": f"{turns[0]['content']}\n\n{instruction}"}
@@ -298,6 +302,7 @@ class LocalChatModel(BaseChatModel):
             syntax=syntax,
             prefix=prefix,
             json_only=json_only,
+            schema=answer_schema,
             thinking=thinking,
         )
 
@@ -582,7 +587,9 @@ class LocalChatModel(BaseChatModel):
             parser = _json_parser(schema)
         if not include_raw:
             return bound | parser
-        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser).with_fallbacks(
+        parsed = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        ).with_fallbacks(
             [RunnablePassthrough.assign(parsed=lambda _: None)], exception_key="parsing_error"
         )
         return RunnableMap(raw=bound) | parsed
@@ -872,17 +879,54 @@ class _Reader:
             yield ChatGenerationChunk(message=AIMessageChunk(content=text))
 
     def _json_part(self, text: str) -> str:
-        """The part of ``text`` up to the end of the answer's JSON value."""
+        """The part of ``text`` up to the end of the answer's JSON value.
+
+        The value ends where its JSON does, or where every field of the schema has been
+        written and the model goes on with a comma (a field the schema does not have):
+        the object is closed there.
+        """
+        before = len(self.json_text)
         self.json_text += text
-        if "}" not in text:
+        opening = self.turn.syntax.open
+        body = len(opening) if self.json_text.startswith(opening) else 0
+        closing = "}" if self.turn.mode == "none" else "}}"  # an answer; a call's arguments
+        cut: tuple[int, str] | None = None
+        if "}" in text:
+            head = self.json_text[body:]
+            lead = len(head) - len(head.lstrip())
+            try:
+                _, end = json.JSONDecoder().raw_decode(head.lstrip())
+                cut = body + lead + end, ""
+            except json.JSONDecodeError:
+                pass
+        if cut is None and "," in text:
+            for i in range(max(before, body), len(self.json_text)):
+                if self.json_text[i] == "," and self._all_fields(self.json_text[body:i] + closing):
+                    cut = i, closing
+                    break
+        if cut is None:
             return text
-        try:
-            _, end = json.JSONDecoder().raw_decode(self.json_text.lstrip())
-        except json.JSONDecodeError:
-            return text
-        end += len(self.json_text) - len(self.json_text.lstrip())
         self.done = True
-        return text[: len(text) - (len(self.json_text) - end)]
+        end, added = cut
+        return text[: end - before] + added
+
+    def _all_fields(self, candidate: str) -> bool:
+        """Whether ``candidate`` is the whole JSON answer, with every field of its schema."""
+        try:
+            data = json.loads(candidate)
+        except json.JSONDecodeError:
+            return False
+        if not isinstance(data, dict):
+            return False
+        schema: dict[str, Any] | None
+        values: Any
+        if self.turn.mode == "none":
+            schema, values = self.turn.schema, data
+        else:
+            tool = next((t for t in self.turn.tools if t.name == data.get("name")), None)
+            schema, values = (tool.parameters if tool else None), data.get("arguments")
+        fields = (schema or {}).get("properties") or {}
+        return bool(fields) and isinstance(values, dict) and set(fields) <= set(values)
 
     def end(self) -> Iterator[ChatGenerationChunk]:
         for reasoning, part in self.thoughts.end():

@@ -13,7 +13,6 @@ tool's schema; the parser validates again either way, so a runtime without a gra
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -163,17 +162,15 @@ def call_grammar(tools: Sequence[ToolSpec], *, forced: bool, syntax: CallSyntax 
     schema: dict[str, Any] = (
         tools[0].call_schema() if len(tools) == 1 else {"anyOf": [t.call_schema() for t in tools]}
     )
-    calls = Grammar.from_json_schema(schema).gbnf
-    body = re.sub(r"^root\s*::=", "json-call ::=", calls, count=1, flags=re.M)
     tagged = " ".join(
         [*([_literal(syntax.open)] if syntax.open else []), "json-call",
          *([_literal(syntax.close)] if syntax.close else [])]
     )  # fmt: skip
     if forced:
-        return Grammar.from_string(f"root ::= {tagged}\n{body}", name="tool call")
+        return Grammar.around_schema(f"root ::= {tagged}\n", "json-call", schema, name="tool call")
     first = "<" if syntax.open else "{"
     free = f"root ::= {tagged} | text\ntext ::= [^{first} \\t\\n] [^\\x00]*\n"
-    return Grammar.from_string(free + body, name="tool call or text")
+    return Grammar.around_schema(free, "json-call", schema, name="tool call or text")
 
 
 def _literal(text: str) -> str:

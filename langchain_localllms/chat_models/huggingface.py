@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 from pydantic import model_validator
 
 from langchain_localllms._base import LocalLLM
-from langchain_localllms.chat_models._base import LocalChatModel
+from langchain_localllms.chat_models._base import LocalChatModel, _standard_names
 from langchain_localllms.llms.huggingface_pipeline import HuggingFacePipeline
 
 __all__ = ["ChatHuggingFace"]
@@ -77,10 +77,6 @@ class ChatHuggingFace(LocalChatModel):
     ``langchain_huggingface.ChatHuggingFace`` takes one (only its template is used: the
     model's own tokenizer tokenizes). None: the model's own tokenizer's template, else
     the built-in format of the model's family. Not together with ``chat_template``."""
-    streaming: bool = False
-    """Whether ``invoke`` streams too, sending each token to the callbacks'
-    ``on_llm_new_token`` (``stream()`` always streams)."""
-
     _llm_class: ClassVar[type[LocalLLM]] = HuggingFacePipeline
 
     @model_validator(mode="before")
@@ -92,13 +88,7 @@ class ChatHuggingFace(LocalChatModel):
         """
         if not isinstance(values, dict):
             return values
-        values = dict(values)
-        max_tokens = values.pop("max_tokens", None)  # LangChain's standard name
-        if max_tokens is not None:
-            if values.get("max_new_tokens") is not None:
-                msg = "give max_tokens or max_new_tokens, not both (they are one setting)"
-                raise ValueError(msg)
-            values["max_new_tokens"] = max_tokens
+        values = _standard_names(cls._llm_class, values)  # also beside llm=
         _template_of_tokenizer(values)
         llm = values.get("llm")
         if llm is None:
@@ -138,8 +128,7 @@ class ChatHuggingFace(LocalChatModel):
         ``pipeline_kwargs`` ...) go to ``HuggingFacePipeline.from_model_id``.
         """
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._own_fields()}
-        if kwargs.get("max_tokens") is not None:
-            kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
+        kwargs = _standard_names(cls._llm_class, kwargs)
         llm = HuggingFacePipeline.from_model_id(model_id=model_id, task=task, **kwargs)
         return cls(llm=llm, **own)
 
@@ -176,7 +165,7 @@ def _configured(llm: HuggingFacePipeline, settings: dict[str, Any]) -> HuggingFa
             "HuggingFacePipeline (or ChatHuggingFace without llm=), not beside llm="
         )
         raise ValueError(msg)
-    copy = llm.model_copy(update=settings)
+    copy: HuggingFacePipeline = llm.model_copy(update=settings)
     for name, value in settings.items():  # checked as the class checks its fields
         type(llm).__pydantic_validator__.validate_assignment(copy, name, value)
     return copy

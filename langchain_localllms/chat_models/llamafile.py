@@ -36,7 +36,8 @@ LLAMA_CPP_FALLBACK = (
 
 
 def _squeezed(text: str) -> str:
-    return "".join(text.split())
+    """The template without whitespace; its escaped newlines read as newlines."""
+    return "".join(text.replace("\\n", "\n").split())
 
 
 class ChatLlamafile(LocalChatModel):

@@ -22,14 +22,13 @@ from langchain_core.messages import (
     ChatMessage,
     ToolMessage,
 )
-from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 
 from langchain_localllms._base import LocalLLM
 from langchain_localllms._stop import StopStream
 from langchain_localllms._usage import Tally
-from langchain_localllms.chat_models._base import LocalChatModel
+from langchain_localllms.chat_models._base import LocalChatModel, _as_message, _usage
 from langchain_localllms.chat_models._tools import (
     ToolCallError,
     ToolSpec,
@@ -568,29 +567,3 @@ def _names_a_tool(text: str, tools: Sequence[ToolSpec]) -> bool:
     except ValueError:
         return False
     return isinstance(data, dict) and data.get("name") in {t.name for t in tools}
-
-
-def _usage(info: dict[str, Any]) -> UsageMetadata | None:
-    prompt, completion = info.get("prompt_tokens"), info.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return UsageMetadata(
-        input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
-    )
-
-
-def _as_message(result: ChatResult) -> ChatResult:
-    """A streamed-then-joined answer as a plain ``AIMessage`` (what ``invoke`` returns)."""
-    gens = []
-    for gen in result.generations:
-        m = gen.message
-        message = AIMessage(
-            content=m.content,
-            additional_kwargs=m.additional_kwargs,
-            tool_calls=getattr(m, "tool_calls", []),
-            usage_metadata=getattr(m, "usage_metadata", None),
-            response_metadata=m.response_metadata,
-            id=m.id,
-        )
-        gens.append(ChatGeneration(message=message, generation_info=gen.generation_info))
-    return ChatResult(generations=gens, llm_output=result.llm_output)

@@ -46,16 +46,27 @@ class Grammar:
         schema: dict[str, Any] | None = None,
         model: type[pydantic.BaseModel] | None = None,
         name: str | None = None,
+        template: str | None = None,
+        slot: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
-        if gbnf is None and schema is None:
+        if gbnf is None and schema is None and slot is None:
             msg = "a Grammar needs GBNF text or a JSON schema"
             raise ValueError(msg)
         if gbnf is not None:
             check_gbnf(gbnf, source=name)
+        if slot is not None:
+            if template is None:
+                msg = "a Grammar with a slot needs the GBNF template around it"
+                raise ValueError(msg)
+            check_gbnf(f'{template}\n{slot[0]} ::= "{{}}"\n', source=name)
         self._gbnf = gbnf
         self.schema = schema
         self.model = model
         self.name = name
+        #: GBNF rules around a JSON value, and (``slot``) the rule that is the value and
+        #: its schema: see :meth:`around_schema`.
+        self.template = template
+        self.slot = slot
 
     # --------------------------------------------------------------- makers
     @classmethod
@@ -95,6 +106,19 @@ class Grammar:
         return cls(schema=model.model_json_schema(), model=model, name=model.__name__)
 
     @classmethod
+    def around_schema(
+        cls, template: str, rule: str, schema: dict[str, Any], *, name: str | None = None
+    ) -> Grammar:
+        """GBNF ``template`` in which the rule ``rule`` is a JSON value of ``schema``.
+
+        ``template`` names ``rule`` without defining it (``root ::= "<tag>" value
+        "</tag>" | text ...``); it is checked now. The value's own rules come from the
+        runtime's converter when it is used: llama.cpp's for GBNF (:attr:`gbnf`),
+        xgrammar's for Hugging Face models (:meth:`fill`), so neither needs the other.
+        """
+        return cls(template=template, slot=(rule, schema), name=name)
+
+    @classmethod
     def builtin(cls, name: str) -> Grammar:
         """A grammar shipped with the package: ``"json"`` or ``"list"``."""
         names = sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".gbnf"))
@@ -131,18 +155,35 @@ class Grammar:
     def gbnf(self) -> str:
         """The grammar as GBNF (a schema is converted by llama.cpp's converter)."""
         if self._gbnf is None:
-            assert self.schema is not None
+            schema = self.slot[1] if self.slot is not None else self.schema
+            assert schema is not None
             mod = require("llama_cpp.llama_grammar", feature="JSON schema to GBNF")
             try:
-                self._gbnf = mod.json_schema_to_gbnf(json.dumps(self.schema))
+                rules = mod.json_schema_to_gbnf(json.dumps(schema))
             except Exception as e:
                 msg = f"cannot turn this JSON schema into a grammar: {e}"
                 raise ValueError(msg) from e
+            self._gbnf = rules if self.slot is None else self.fill(rules)
         return self._gbnf
+
+    def fill(self, value_rules: str, *, xgrammar: bool = False) -> str:
+        """The template with ``value_rules`` (a value's grammar, from ``root``) in its slot.
+
+        ``xgrammar``: the rules are in xgrammar's dialect, and so is the result.
+        """
+        assert self.template is not None
+        assert self.slot is not None
+        rule = self.slot[0]
+        template = gbnf_for_xgrammar(self.template, undefined=rule) if xgrammar else self.template
+        value = re.sub(r"^root\s*::=", f"{rule} ::=", value_rules, count=1, flags=re.M)
+        return f"{template.rstrip()}\n{value}"
 
     @property
     def identity(self) -> str:
         """A stable text for cache keys."""
+        if self.slot is not None:
+            schema = json.dumps(self.slot[1], sort_keys=True)
+            return f"template:{self.template}\n{self.slot[0]}:schema:{schema}"
         if self.schema is not None:
             return "schema:" + json.dumps(self.schema, sort_keys=True)
         return "gbnf:" + (self._gbnf or "")
@@ -156,7 +197,7 @@ class Grammar:
         return text
 
     def __repr__(self) -> str:
-        kind = "schema" if self.schema is not None else "gbnf"
+        kind = "schema" if self.schema is not None or self.slot is not None else "gbnf"
         return f"Grammar({kind}, name={self.name!r})"
 
     def __eq__(self, other: object) -> bool:
@@ -370,15 +411,17 @@ def _parsed(text: str, source: str | None = None) -> _Parser:
     return parser
 
 
-def gbnf_for_xgrammar(text: str) -> str:
+def gbnf_for_xgrammar(text: str, *, undefined: str | None = None) -> str:
     """The same grammar in xgrammar's dialect of GBNF.
 
     llama.cpp allows empty alternatives (``ws ::= | " "``); xgrammar wants ``""``
     there. The parser that checks the grammar finds them, so literals, character
-    classes and comments are never mistaken for them.
+    classes and comments are never mistaken for them. ``undefined``: a rule the text
+    names without defining it (a template's slot).
     """
+    checked = text if undefined is None else f'{text}\n{undefined} ::= "{{}}"\n'
     out = text
-    for at in reversed(_parsed(text).empty):
+    for at in reversed(_parsed(checked).empty):
         out = f'{out[:at]}""{out[at:]}'
     return out
 

@@ -159,23 +159,47 @@ class CTranslate2Engine:
     def choose(self, prompt: str, options: Sequence[str]) -> int:
         """Which of ``options`` the model finds likeliest to follow ``prompt``.
 
-        Each continuation is scored (``score_batch``: the log-probability of its tokens
-        after the prompt), so the choice is the model's own, among these only.
+        Greedy over the options' tokens: where they part, one decoding step says which
+        next token the model ranks highest, and only the options with it go on. The
+        choice is the model's own, among these only. (``score_batch`` would score whole
+        options, but on Gemma 3 it fails for batches and for prompts past the sliding
+        window, measured with CTranslate2 4.8.)
         """
-        base = self._encode([prompt], specials=True)[0]
         joined = self._encode([prompt + o for o in options], specials=True)
+        alive = list(range(len(options)))
+        pos = min(
+            next(
+                (i for i, (a, b) in enumerate(zip(joined[0], ids, strict=False)) if a != b),
+                min(len(joined[0]), len(ids)),
+            )
+            for ids in joined
+        )
+        while len(alive) > 1:
+            going = [i for i in alive if len(joined[i]) > pos]
+            if len(going) < len(alive):  # an option ends here: it is the shorter name
+                alive = [i for i in alive if i not in going] or alive
+                break
+            nexts = {joined[i][pos] for i in alive}
+            if len(nexts) > 1:
+                logits = self._next_logits(joined[alive[0]][:pos])
+                best = max(nexts, key=lambda t: float(logits[t]))
+                alive = [i for i in alive if joined[i][pos] == best]
+            pos += 1
+        return alive[0]
+
+    def _next_logits(self, ids: Sequence[int]) -> Any:
+        """The model's logits for the token after ``ids``."""
+        import numpy as np  # a dependency of ctranslate2
+
         with self._generator() as generator:
-            results = generator.score_batch(
-                [self._tokens(ids) for ids in joined], max_input_length=0
+            (result,) = generator.generate_batch(
+                [self._tokens(ids)],
+                max_length=1,
+                return_logits_vocab=True,
+                include_prompt_in_result=False,
             )
-        scores = []
-        for ids, result in zip(joined, results, strict=True):
-            start = next(
-                (i for i, (a, b) in enumerate(zip(base, ids, strict=False)) if a != b), len(base)
-            )
-            # log_probs[i] is the log-probability of ids[i + 1]
-            scores.append(sum(result.log_probs[max(start - 1, 0) :]))
-        return max(range(len(options)), key=scores.__getitem__)
+        step = result.logits[0]  # the first step's logits, per hypothesis
+        return np.asarray(step[0] if isinstance(step, list) else step).reshape(-1)
 
     def token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in this model's vocabulary (no special tokens)."""

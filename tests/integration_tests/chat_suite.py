@@ -24,6 +24,34 @@ def in_process(temperature: str = "temperature", max_tokens: str = "max_tokens")
     return {temperature: 0, max_tokens: 100, "stop": []}
 
 
+#: Why a standard test fails on Gemma-3-270M (base), measured on every runtime. Which
+#: value the model writes is its own judgement (greedy, and float rounding differs
+#: between CPUs), so these are xfails that may pass: what the runtime guarantees (a
+#: call or JSON that validates) is tested beside each class, every time.
+CALL_VALUE = "270M base model: the forced call validates; its argument (3) is written as 3e15"
+NO_CALL = "270M base model does not choose to call a tool unforced"
+LONG_TEXT = "270M base model: the free-text argument runs past max_tokens"
+
+#: The judgement tests of a real-model suite, by name.
+JUDGEMENT = {
+    "test_tool_calling": CALL_VALUE,
+    "test_tool_calling_async": CALL_VALUE,
+    "test_agent_loop": NO_CALL,
+    "test_unicode_tool_call_integration": LONG_TEXT,
+}
+
+
+class Expected:
+    """Mixin: standard tests expected to fail here, and why (the conftest marks them).
+
+    ``XFAIL_STRICT``: an unexpected pass is an error, where the cause cannot change
+    (random weights); model judgement on a real model is not strict.
+    """
+
+    XFAIL: dict[str, str] = {}
+    XFAIL_STRICT = False
+
+
 _LLMS: dict[tuple[type, str], Any] = {}
 
 

@@ -46,7 +46,6 @@ from typing import Any
 
 import httpx
 
-
 ROOT = Path(__file__).resolve().parents[2]
 #: The name the loopback Ollama serves Gemma-3-270M under.
 GEMMA = "gemma3:270m"

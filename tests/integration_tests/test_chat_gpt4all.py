@@ -21,7 +21,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 import modelkit
 from langchain_localllms import ChatGPT4All
 from langchain_localllms.chat_models._tools import ToolCallError
-from tests.integration_tests.chat_suite import OneLoad, in_process
+from tests.integration_tests.chat_suite import Expected, OneLoad, in_process
 
 pytest.importorskip("gpt4all")
 
@@ -42,7 +42,33 @@ class _ChatGPT4All:
         return {"model": str(modelkit.prepare("tiny-chat-gguf"))}
 
 
-class TestChatGPT4AllStandard(_ChatGPT4All, OneLoad, ChatModelIntegrationTests):
+#: Random weights and no grammar: a call or JSON the model must write on its own is
+#: noise after its opening (measured: '{"name": "magic_function", "arguments":
+#: {"input":  Then\x06+12,i...'), so it never parses. It cannot pass by chance in the
+#: ways these tests check, so an unexpected pass is an error.
+NOISE = "random weights, no grammar: the call or JSON after its opening is noise"
+
+
+class TestChatGPT4AllStandard(_ChatGPT4All, OneLoad, Expected, ChatModelIntegrationTests):
+    XFAIL_STRICT = True
+    XFAIL = dict.fromkeys(
+        (
+            "test_tool_calling",
+            "test_tool_calling_async",
+            "test_bind_runnables_as_tools",
+            "test_tool_choice",
+            "test_structured_few_shot_examples",
+            "test_structured_output[pydantic]",
+            "test_structured_output_async[pydantic]",
+            "test_structured_output_pydantic_2_v1",
+            "test_structured_output_optional_param",
+            "test_json_mode",
+            "test_agent_loop",
+            "test_unicode_tool_call_integration",
+        ),
+        NOISE,
+    )
+
     @property
     def has_tool_choice(self) -> bool:
         return True

@@ -1,9 +1,9 @@
 """ChatHuggingFace on the OpenVINO backend, judged by LangChain's standard chat-model tests.
 
 Runs in .venv-openvino (optimum-intel, transformers 5.0.0; see the Makefile). The suite
-and its measured xfails are test_chat_huggingface.py's (OpenVINO float32 decodes the same
-greedy tokens as torch float32 here): the integration suite on Gemma-3-270M exported to
-OpenVINO (float32), the unit suite on the tiny chat model exported on load.
+and its measured xfails are test_chat_huggingface.py's (OpenVINO float32 decodes the
+same greedy tokens as torch float32 here): the integration suite on Gemma-3-270M
+exported to OpenVINO (float32), the unit suite on the tiny chat model exported on load.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pydantic import BaseModel
 pytest.importorskip("optimum.intel")
 pytest.importorskip("xgrammar")
 
-import modelkit  # noqa: E402
-from langchain_localllms import ChatHuggingFace, HuggingFacePipeline  # noqa: E402
-from tests.integration_tests.test_chat_huggingface import (  # noqa: E402
+import modelkit
+from langchain_localllms import ChatHuggingFace, HuggingFacePipeline
+from tests.integration_tests.test_chat_huggingface import (
     GemmaChatSuite,
     _ChatHuggingFace,
 )

@@ -7,9 +7,9 @@ A page whose first line is ``<!-- runs-in: NAME -->`` runs in that environment o
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-import re
 from pathlib import Path
 
 import pytest

@@ -36,7 +36,9 @@ def test_same_greedy_tokens_as_llama_cpp(tiny, model_path):
 
     ref = LlamaCpp(model_path=str(model_path("tiny-gguf")), n_ctx=1024, f16_kv=False,
                    temperature=0, repeat_penalty=1.0, max_tokens=6)  # fmt: skip
-    assert tiny.invoke("The first man on the moon was", max_tokens=6) == ref.invoke("The first man on the moon was")
+    assert tiny.invoke("The first man on the moon was", max_tokens=6) == ref.invoke(
+        "The first man on the moon was"
+    )
 
 
 def test_gemma3_is_refused_with_the_reason(model_path):
@@ -66,7 +68,12 @@ def test_missing_file_and_community_parameters(tmp_path, model_path, monkeypatch
 def test_n_predict_is_max_tokens(model_path):
     llm = GPT4All(model=str(model_path("tiny-gguf")), n_predict=3, temp=0, n_ctx=1024)
     assert llm.max_tokens == 3
-    assert llm.generate(["The first man on the moon was"]).generations[0][0].generation_info["completion_tokens"] == 3
+    assert (
+        llm.generate(["The first man on the moon was"])
+        .generations[0][0]
+        .generation_info["completion_tokens"]
+        == 3
+    )
 
 
 def test_early_stop_ends_generation(tiny, monkeypatch):

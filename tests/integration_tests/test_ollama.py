@@ -432,4 +432,6 @@ def test_tokens_are_counted_offline_with_the_models_own_vocabulary(gemma, model_
     # The loopback server, like Ollama, names the GGUF it runs in /api/show's modelfile.
     ref = LlamaCpp(model_path=str(model_path("gemma-gguf")), n_ctx=64)
     assert gemma.get_num_tokens(PROMPT) == ref.get_num_tokens(PROMPT) > 5
-    assert gemma.get_token_ids(PROMPT) == ref.client.tokenize(PROMPT.encode(), add_bos=False, special=True)
+    assert gemma.get_token_ids(PROMPT) == ref.client.tokenize(
+        PROMPT.encode(), add_bos=False, special=True
+    )

@@ -62,9 +62,15 @@ class TestTinyOpenVINOContract(LLMContract):
 def test_same_greedy_tokens_as_torch(gemma, model_path):
     # The same float32 weights through OpenVINO and through torch: same greedy tokens.
     torch_llm = HuggingFacePipeline.from_model_id(
-        model_id=str(model_path("gemma-hf")), task="text-generation", pipeline_kwargs={**GREEDY, "max_new_tokens": 32}
+        model_id=str(model_path("gemma-hf")),
+        task="text-generation",
+        pipeline_kwargs={**GREEDY, "max_new_tokens": 32},
     )
-    for prompt in ("The first man on the moon was", "My favourite colour is", "One, two, three, four,"):
+    for prompt in (
+        "The first man on the moon was",
+        "My favourite colour is",
+        "One, two, three, four,",
+    ):
         ov_ids = gemma.generate([prompt], max_new_tokens=32).generations[0][0].text
         assert ov_ids == torch_llm.invoke(prompt)
 
@@ -76,7 +82,9 @@ def test_int8_weights_load_and_answer(model_path, gemma, capsys):
     assert a.strip()
     with capsys.disabled():
         same = len(os.path.commonprefix([a, b]))
-        print(f"\n[openvino] int8 vs float32, first {same} of {len(b)} characters equal: {a!r} / {b!r}")
+        print(
+            f"\n[openvino] int8 vs float32, first {same} of {len(b)} characters equal: {a!r} / {b!r}"
+        )
 
 
 def test_export_once_then_reuse(model_path, tmp_path, monkeypatch, caplog):
@@ -99,7 +107,9 @@ def test_seed_flows_chain_and_kv_cache_precision(model_path):
         model_id=str(model_path("gemma-ov")), task="text-generation", backend="openvino",
         model_kwargs={"device": "CPU", "ov_config": ov_config}, pipeline_kwargs={"max_new_tokens": 10},
     )  # fmt: skip
-    prompt = PromptTemplate.from_template("Question: {question}\n\nAnswer: Let's think step by step.")
+    prompt = PromptTemplate.from_template(
+        "Question: {question}\n\nAnswer: Let's think step by step."
+    )
     out = (prompt | ov_llm).invoke({"question": "What is electroencephalography?"})
     assert isinstance(out, str) and out.strip()
 
@@ -110,9 +120,15 @@ class Person(pydantic.BaseModel):
 
 
 def test_grammars_constrain_openvino_decoding(gemma):
-    person = Person.model_validate_json(gemma.invoke("Describe a person in JSON format:", grammar=Person, max_new_tokens=48))
+    person = Person.model_validate_json(
+        gemma.invoke("Describe a person in JSON format:", grammar=Person, max_new_tokens=48)
+    )
     assert person.name
-    books = json.loads(gemma.invoke("List of top-3 my favourite books:", grammar=Grammar.builtin("list"), max_new_tokens=200))
+    books = json.loads(
+        gemma.invoke(
+            "List of top-3 my favourite books:", grammar=Grammar.builtin("list"), max_new_tokens=200
+        )
+    )
     assert isinstance(books, list) and books and all(isinstance(b, str) for b in books)
     with pytest.raises(ValueError, match="line 1"):
         gemma.invoke("x", grammar='root ::= "unclosed')

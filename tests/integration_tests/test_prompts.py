@@ -8,19 +8,28 @@ from langchain_classic.chains.prompt_selector import ConditionalPromptSelector
 from langchain_core.prompts import PromptTemplate
 
 from langchain_localllms import LlamaCpp
-from langchain_localllms.prompts import ModelPromptSelector, chat_prompt, has_chat_template, is_family
+from langchain_localllms.prompts import (
+    ModelPromptSelector,
+    chat_prompt,
+    has_chat_template,
+    is_family,
+)
 
 DEFAULT = PromptTemplate.from_template("Question: {question}\nAnswer:")
 
 
 @pytest.fixture(scope="module")
 def gemma(model_path):
-    return LlamaCpp(model_path=str(model_path("gemma-gguf")), temperature=0, repeat_penalty=1.0, max_tokens=12)
+    return LlamaCpp(
+        model_path=str(model_path("gemma-gguf")), temperature=0, repeat_penalty=1.0, max_tokens=12
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_chat(model_path):
-    return LlamaCpp(model_path=str(model_path("tiny-chat-gguf")), n_ctx=1024, temperature=0, max_tokens=8)
+    return LlamaCpp(
+        model_path=str(model_path("tiny-chat-gguf")), n_ctx=1024, temperature=0, max_tokens=8
+    )
 
 
 def test_template_from_the_model_file_is_used_with_one_bos(tiny_chat):
@@ -30,7 +39,9 @@ def test_template_from_the_model_file_is_used_with_one_bos(tiny_chat):
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
     tokens = tiny_chat.client.tokenize(text.encode(), add_bos=True, special=True)
     bos = tiny_chat.client.token_bos()
-    assert tokens[0] == bos and bos not in tokens[1:]  # the template's {{ bos_token }} was not doubled
+    assert (
+        tokens[0] == bos and bos not in tokens[1:]
+    )  # the template's {{ bos_token }} was not doubled
     assert isinstance((prompt | tiny_chat).invoke({"question": "Hi"}), str)
 
 
@@ -38,7 +49,9 @@ def test_model_without_template_gets_its_family_format(gemma):
     assert not has_chat_template(gemma) and is_family("gemma")(gemma)
     prompt = ModelPromptSelector(DEFAULT).get_prompt(gemma)
     assert prompt.format(question="Why?").startswith("<start_of_turn>user\nQuestion: Why?")
-    answer = (prompt | gemma.bind(stop=["<end_of_turn>"])).invoke({"question": "What is the capital of France?"})
+    answer = (prompt | gemma.bind(stop=["<end_of_turn>"])).invoke(
+        {"question": "What is the capital of France?"}
+    )
     assert isinstance(answer, str) and "<end_of_turn>" not in answer
 
 
@@ -59,7 +72,9 @@ def test_seed_flow_conditional_prompt_selector_and_llmchain(gemma):
     invoked = chain.invoke({"question": question})
     assert ran == invoked["text"] == (prompt | gemma).invoke({"question": question})
     # The model-aware predicate is the robust form of the same selection.
-    by_model = ConditionalPromptSelector(default_prompt=DEFAULT, conditionals=[(is_family("gemma"), llama_prompt)])
+    by_model = ConditionalPromptSelector(
+        default_prompt=DEFAULT, conditionals=[(is_family("gemma"), llama_prompt)]
+    )
     assert by_model.get_prompt(gemma) is llama_prompt
 
 

@@ -70,48 +70,227 @@ def _tmp(name: str, data: bytes | None = None, directory: bool = False) -> str:
 
 CASES: list[Case] = [
     # --- model files
-    Case("llamacpp-missing-file", lambda: LlamaCpp(model_path="/nowhere/model.gguf"), FileNotFoundError, "/nowhere/model.gguf"),
-    Case("llamacpp-directory", lambda: LlamaCpp(model_path=_tmp("a-dir", directory=True)), IsADirectoryError, "directory"),
-    Case("llamacpp-garbage-file", lambda: LlamaCpp(model_path=_tmp("garbage.gguf", b"\x89PNG not a model")), ValueError, "not a GGUF"),
-    Case("llamacpp-empty-file", lambda: LlamaCpp(model_path=_tmp("empty.gguf", b"")), ValueError, "empty"),
-    Case("gpt4all-missing-file", lambda: GPT4All(model="/nowhere/m.gguf"), FileNotFoundError, "/nowhere/m.gguf"),
-    Case("gpt4all-garbage-file", lambda: GPT4All(model=_tmp("garbage2.gguf", b"GGML old format")), ValueError, "not a GGUF"),
+    Case(
+        "llamacpp-missing-file",
+        lambda: LlamaCpp(model_path="/nowhere/model.gguf"),
+        FileNotFoundError,
+        "/nowhere/model.gguf",
+    ),
+    Case(
+        "llamacpp-directory",
+        lambda: LlamaCpp(model_path=_tmp("a-dir", directory=True)),
+        IsADirectoryError,
+        "directory",
+    ),
+    Case(
+        "llamacpp-garbage-file",
+        lambda: LlamaCpp(model_path=_tmp("garbage.gguf", b"\x89PNG not a model")),
+        ValueError,
+        "not a GGUF",
+    ),
+    Case(
+        "llamacpp-empty-file",
+        lambda: LlamaCpp(model_path=_tmp("empty.gguf", b"")),
+        ValueError,
+        "empty",
+    ),
+    Case(
+        "gpt4all-missing-file",
+        lambda: GPT4All(model="/nowhere/m.gguf"),
+        FileNotFoundError,
+        "/nowhere/m.gguf",
+    ),
+    Case(
+        "gpt4all-garbage-file",
+        lambda: GPT4All(model=_tmp("garbage2.gguf", b"GGML old format")),
+        ValueError,
+        "not a GGUF",
+    ),
     Case("gpt4all-unsupported-architecture", lambda: GPT4All(model=gguf()), ValueError, "gemma3"),
     # --- parameters
-    Case("llamacpp-negative-n_ctx", lambda: LlamaCpp(model_path=gguf(), n_ctx=-5), ValueError, "n_ctx"),
-    Case("llamacpp-zero-threads", lambda: LlamaCpp(model_path=gguf(), n_threads=0), ValueError, "n_threads"),
-    Case("llamacpp-negative-temperature", lambda: LlamaCpp(model_path=gguf(), temperature=-0.5), ValueError, "temperature"),
-    Case("llamacpp-negative-max_tokens", lambda: LlamaCpp(model_path=gguf(), max_tokens=-7), ValueError, "max_tokens"),
-    Case("llamacpp-top_p-above-1", lambda: LlamaCpp(model_path=gguf(), top_p=3), ValueError, "top_p"),
-    Case("llamacpp-unknown-init-arg", lambda: LlamaCpp(model_path=gguf(), n_ctxx=10), ValueError, "n_ctxx"),
-    Case("llamacpp-unknown-model_kwargs", lambda: LlamaCpp(model_path=gguf(), model_kwargs={"flash": 1}), ValueError, "flash"),
-    Case("llamacpp-vocab_only", lambda: LlamaCpp(model_path=gguf(), model_kwargs={"vocab_only": True}), ValueError, "vocab_only"),
-    Case("llamacpp-suffix-unsupported", lambda: LlamaCpp(model_path=gguf(), suffix="end"), ValueError, "suffix"),
-    Case("llamacpp-seed-wrong-type", lambda: LlamaCpp(model_path=gguf(), seed="abc"), ValueError, "seed"),
-    Case("gpt4all-parameter-that-would-change-results", lambda: GPT4All(model=tiny(), vocab_only=True), ValueError, "vocab_only"),
-    Case("gpt4all-allow-download", lambda: GPT4All(model=tiny(), allow_download=True), ValueError, "allow_download"),
-    Case("gpt4all-negative-max_tokens", lambda: GPT4All(model=tiny(), max_tokens=-1), ValueError, "max_tokens"),
-    Case("callbacks-twice", lambda: LlamaCpp(model_path=gguf(), callbacks=[], callback_manager=_manager()), ValueError, "not both"),
+    Case(
+        "llamacpp-negative-n_ctx",
+        lambda: LlamaCpp(model_path=gguf(), n_ctx=-5),
+        ValueError,
+        "n_ctx",
+    ),
+    Case(
+        "llamacpp-zero-threads",
+        lambda: LlamaCpp(model_path=gguf(), n_threads=0),
+        ValueError,
+        "n_threads",
+    ),
+    Case(
+        "llamacpp-negative-temperature",
+        lambda: LlamaCpp(model_path=gguf(), temperature=-0.5),
+        ValueError,
+        "temperature",
+    ),
+    Case(
+        "llamacpp-negative-max_tokens",
+        lambda: LlamaCpp(model_path=gguf(), max_tokens=-7),
+        ValueError,
+        "max_tokens",
+    ),
+    Case(
+        "llamacpp-top_p-above-1", lambda: LlamaCpp(model_path=gguf(), top_p=3), ValueError, "top_p"
+    ),
+    Case(
+        "llamacpp-unknown-init-arg",
+        lambda: LlamaCpp(model_path=gguf(), n_ctxx=10),
+        ValueError,
+        "n_ctxx",
+    ),
+    Case(
+        "llamacpp-unknown-model_kwargs",
+        lambda: LlamaCpp(model_path=gguf(), model_kwargs={"flash": 1}),
+        ValueError,
+        "flash",
+    ),
+    Case(
+        "llamacpp-vocab_only",
+        lambda: LlamaCpp(model_path=gguf(), model_kwargs={"vocab_only": True}),
+        ValueError,
+        "vocab_only",
+    ),
+    Case(
+        "llamacpp-suffix-unsupported",
+        lambda: LlamaCpp(model_path=gguf(), suffix="end"),
+        ValueError,
+        "suffix",
+    ),
+    Case(
+        "llamacpp-seed-wrong-type",
+        lambda: LlamaCpp(model_path=gguf(), seed="abc"),
+        ValueError,
+        "seed",
+    ),
+    Case(
+        "gpt4all-parameter-that-would-change-results",
+        lambda: GPT4All(model=tiny(), vocab_only=True),
+        ValueError,
+        "vocab_only",
+    ),
+    Case(
+        "gpt4all-allow-download",
+        lambda: GPT4All(model=tiny(), allow_download=True),
+        ValueError,
+        "allow_download",
+    ),
+    Case(
+        "gpt4all-negative-max_tokens",
+        lambda: GPT4All(model=tiny(), max_tokens=-1),
+        ValueError,
+        "max_tokens",
+    ),
+    Case(
+        "callbacks-twice",
+        lambda: LlamaCpp(model_path=gguf(), callbacks=[], callback_manager=_manager()),
+        ValueError,
+        "not both",
+    ),
     # --- calls
-    Case("prompt-longer-than-context", lambda: shared("llamacpp").invoke("word " * 5000), ValueError, "larger n_ctx"),
-    Case("non-str-prompt-invoke", lambda: shared("llamacpp").invoke(12345), (TypeError, ValueError), "nvalid input"),
-    Case("non-str-prompt-generate", lambda: shared("llamacpp").generate([b"bytes"]), TypeError, "strings"),
-    Case("prompt-list-not-str", lambda: shared("llamacpp").generate("a string"), TypeError, "list of prompt strings"),
-    Case("unknown-call-kwarg", lambda: shared("llamacpp").invoke("hi", temprature=0.1), TypeError, "temprature"),
-    Case("bad-call-value", lambda: shared("llamacpp").invoke("hi", max_tokens="lots"), ValueError, "max_tokens"),
-    Case("gpt4all-unknown-call-kwarg", lambda: shared("gpt4all").invoke("hi", temperature=0.1), TypeError, "temperature"),
+    Case(
+        "prompt-longer-than-context",
+        lambda: shared("llamacpp").invoke("word " * 5000),
+        ValueError,
+        "larger n_ctx",
+    ),
+    Case(
+        "non-str-prompt-invoke",
+        lambda: shared("llamacpp").invoke(12345),
+        (TypeError, ValueError),
+        "nvalid input",
+    ),
+    Case(
+        "non-str-prompt-generate",
+        lambda: shared("llamacpp").generate([b"bytes"]),
+        TypeError,
+        "strings",
+    ),
+    Case(
+        "prompt-list-not-str",
+        lambda: shared("llamacpp").generate("a string"),
+        TypeError,
+        "list of prompt strings",
+    ),
+    Case(
+        "unknown-call-kwarg",
+        lambda: shared("llamacpp").invoke("hi", temprature=0.1),
+        TypeError,
+        "temprature",
+    ),
+    Case(
+        "bad-call-value",
+        lambda: shared("llamacpp").invoke("hi", max_tokens="lots"),
+        ValueError,
+        "max_tokens",
+    ),
+    Case(
+        "gpt4all-unknown-call-kwarg",
+        lambda: shared("gpt4all").invoke("hi", temperature=0.1),
+        TypeError,
+        "temperature",
+    ),
     Case("gpt4all-empty-prompt", lambda: shared("gpt4all").invoke(""), ValueError, "empty"),
-    Case("stop-in-two-places", lambda: LlamaCpp(model_path=gguf(), stop=["a"]).invoke("hi", stop=["b"]), ValueError, "one place"),
-    Case("stop-as-string", lambda: shared("llamacpp").invoke("hi", stop="\n"), TypeError, "list of strings"),
-    Case("stop-empty-string", lambda: shared("llamacpp").invoke("hi", stop=[""]), ValueError, "empty stop"),
+    Case(
+        "stop-in-two-places",
+        lambda: LlamaCpp(model_path=gguf(), stop=["a"]).invoke("hi", stop=["b"]),
+        ValueError,
+        "one place",
+    ),
+    Case(
+        "stop-as-string",
+        lambda: shared("llamacpp").invoke("hi", stop="\n"),
+        TypeError,
+        "list of strings",
+    ),
+    Case(
+        "stop-empty-string",
+        lambda: shared("llamacpp").invoke("hi", stop=[""]),
+        ValueError,
+        "empty stop",
+    ),
     # --- grammars
-    Case("grammar-syntax", lambda: shared("llamacpp").invoke("hi", grammar='root ::= "a" )'), ValueError, "line 1:"),
-    Case("grammar-undefined-rule", lambda: LlamaCpp(model_path=gguf(), grammar="root ::= thing"), ValueError, "undefined rule"),
-    Case("grammar-wrong-type", lambda: shared("llamacpp").invoke("hi", grammar=42), TypeError, "grammar must be"),
-    Case("grammar-path-missing", lambda: LlamaCpp(model_path=gguf(), grammar_path="/nowhere/g.gbnf"), FileNotFoundError, "g.gbnf"),
-    Case("grammar-and-grammar_path", lambda: LlamaCpp(model_path=gguf(), grammar="root ::= \"a\"", grammar_path="/x.gbnf"), ValueError, "not both"),
-    Case("grammar-on-gpt4all", lambda: shared("gpt4all").invoke("hi", grammar=Grammar.builtin("json")), TypeError, "grammar"),
-    Case("grammar-schema-not-object", lambda: Grammar.from_json_schema("[1, 2]"), TypeError, "object"),
+    Case(
+        "grammar-syntax",
+        lambda: shared("llamacpp").invoke("hi", grammar='root ::= "a" )'),
+        ValueError,
+        "line 1:",
+    ),
+    Case(
+        "grammar-undefined-rule",
+        lambda: LlamaCpp(model_path=gguf(), grammar="root ::= thing"),
+        ValueError,
+        "undefined rule",
+    ),
+    Case(
+        "grammar-wrong-type",
+        lambda: shared("llamacpp").invoke("hi", grammar=42),
+        TypeError,
+        "grammar must be",
+    ),
+    Case(
+        "grammar-path-missing",
+        lambda: LlamaCpp(model_path=gguf(), grammar_path="/nowhere/g.gbnf"),
+        FileNotFoundError,
+        "g.gbnf",
+    ),
+    Case(
+        "grammar-and-grammar_path",
+        lambda: LlamaCpp(model_path=gguf(), grammar='root ::= "a"', grammar_path="/x.gbnf"),
+        ValueError,
+        "not both",
+    ),
+    Case(
+        "grammar-on-gpt4all",
+        lambda: shared("gpt4all").invoke("hi", grammar=Grammar.builtin("json")),
+        TypeError,
+        "grammar",
+    ),
+    Case(
+        "grammar-schema-not-object", lambda: Grammar.from_json_schema("[1, 2]"), TypeError, "object"
+    ),
 ]
 
 
@@ -154,7 +333,9 @@ def test_native_failure_is_an_exception_not_a_crash(name: str) -> None:
     code += "\nexcept Exception as e:\n    print('RAISED', type(e).__name__, str(e)[:300])\nelse:\n    print('RAN')\n"
     root = Path(__file__).resolve().parents[2]
     (Path(modelkit.CACHE) / "reliability").mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root
+    )
     assert proc.returncode == 0, f"interpreter died (rc={proc.returncode}): {proc.stderr[-1500:]}"
     assert "RAISED" in proc.stdout or "RAN" in proc.stdout, proc.stdout
 
@@ -184,7 +365,9 @@ def test_abandoned_stream_frees_the_model() -> None:
     used = llm.client.n_tokens
     # The lock is free (a new call runs at once) and nothing decodes in the background.
     done = threading.Event()
-    threading.Thread(target=lambda: (llm.invoke("hi", max_tokens=1), done.set()), daemon=True).start()
+    threading.Thread(
+        target=lambda: (llm.invoke("hi", max_tokens=1), done.set()), daemon=True
+    ).start()
     assert done.wait(60), "the model stayed locked after the stream was abandoned"
     assert llm.client.n_tokens <= used + 8
 
@@ -203,10 +386,19 @@ async def test_abandoned_async_stream_frees_the_model() -> None:
 # A copy shares the loaded model; freeing it with the original used to crash the copy
 # (SIGSEGV), so each runtime runs in a child process.
 COPIES = {
-    "llamacpp": ("LlamaCpp", "model_path=str(modelkit.path('gemma-gguf')), temperature=0, max_tokens=6, n_ctx=256"),
-    "gpt4all": ("GPT4All", "model=str(modelkit.path('tiny-gguf')), temp=0, max_tokens=6, n_ctx=256"),
+    "llamacpp": (
+        "LlamaCpp",
+        "model_path=str(modelkit.path('gemma-gguf')), temperature=0, max_tokens=6, n_ctx=256",
+    ),
+    "gpt4all": (
+        "GPT4All",
+        "model=str(modelkit.path('tiny-gguf')), temp=0, max_tokens=6, n_ctx=256",
+    ),
     "ctranslate2": ("CTranslate2", "model_path=str(modelkit.path('tiny-ct2')), max_length=6"),
-    "huggingface": ("HuggingFacePipeline", "model_id=str(modelkit.path('tiny-hf')), max_new_tokens=6, temperature=0"),
+    "huggingface": (
+        "HuggingFacePipeline",
+        "model_id=str(modelkit.path('tiny-hf')), max_new_tokens=6, temperature=0",
+    ),
 }
 _COPY_SCRIPT = """
 import copy, gc, pickle, modelkit
@@ -235,8 +427,12 @@ def test_copies_outlive_the_original(runtime: str) -> None:
     cls, args = COPIES[runtime]
     root = Path(__file__).resolve().parents[2]
     code = _COPY_SCRIPT.format(cls=cls, args=args)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
-    assert proc.returncode == 0, f"rc={proc.returncode} (negative: killed by a signal): {proc.stderr[-1500:]}"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert proc.returncode == 0, (
+        f"rc={proc.returncode} (negative: killed by a signal): {proc.stderr[-1500:]}"
+    )
     assert "COPIES-OK" in proc.stdout
 
 

@@ -143,6 +143,37 @@ def test_structured_output_without_a_grammar_asks_and_parses():
     assert "- name (string)\n- age (integer)" in prompt and prompt.endswith('{"name": "')
 
 
+def test_once_every_field_is_written_the_answer_ends_before_a_field_of_its_own():
+    # A small model goes on past the schema ({"name": ..., "age": 31, "city": ...}):
+    # the comma after the last field ends the answer, and the object is closed there.
+    Scripted.produced.clear()
+    chat = GrammarlessChat(
+        pieces=['Anna", "age": 31', ', "city": "Rome"', "}"], chat_template=PLAIN
+    )
+    raw = chat.with_structured_output(Person, include_raw=True).invoke("Anna is 31.")
+    assert raw["parsed"] == Person(name="Anna", age=31)
+    assert raw["parsing_error"] is None
+    assert raw["raw"].content == '{"name": "Anna", "age": 31}'
+    assert Scripted.produced[-1] == ', "city": "Rome"'  # decoding stopped there
+
+
+def test_a_call_ends_once_every_argument_is_written():
+    chat = GrammarlessChat(pieces=["2", ', "b": 40, "c"', ": 1}}"], chat_template=PLAIN)
+    message = chat.bind_tools([add], tool_choice="any").invoke("2+40?")
+    assert message.tool_calls[0]["args"] == {"a": 2, "b": 40}
+
+
+def test_a_comma_inside_a_string_or_a_nested_value_does_not_end_the_answer():
+    class Note(BaseModel):
+        text: str
+        tags: list[str]
+
+    chat = GrammarlessChat(
+        pieces=['a, b", "tags": ["x", ', '"y"]', ', "more": 1}'], chat_template=PLAIN
+    )
+    assert chat.with_structured_output(Note).invoke("x") == Note(text="a, b", tags=["x", "y"])
+
+
 def test_with_a_grammar_the_schema_constrains_decoding():
     chat = Chat(chat_template=PLAIN)
     turn = chat._turn(

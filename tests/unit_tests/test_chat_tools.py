@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from langchain_core.tools import tool
@@ -110,6 +111,34 @@ def test_a_template_with_hermes_tags_gets_calls_between_them():
     assert parse_call(text, SPECS, forced=True, syntax=syntax)["args"] == {"a": 2, "b": 40}
     # Text that could still become the opening tag is not decided yet; other text is text.
     assert [syntax.starts(t) for t in ("<tool", "<b>", "Hi", "  ")] == [None, False, False, None]
+
+
+def test_xgrammar_fills_a_call_grammar_without_llama_cpp(monkeypatch):
+    # Hugging Face models (torch or OpenVINO) constrain calls with xgrammar alone: the
+    # call's rules come from xgrammar's own schema converter, never llama.cpp's.
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp fails
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_grammar", None)
+    for syntax in (PLAIN, HERMES):
+        forced = call_grammar(SPECS[1:], forced=True, syntax=syntax)
+        value = xgr.Grammar.from_json_schema(json.dumps(forced.slot[1]), any_whitespace=False)
+        grammar = xgr.Grammar.from_ebnf(forced.fill(str(value), xgrammar=True))
+        call = '{"name": "add", "arguments": {"a": 2, "b": 40}}'
+        if syntax is HERMES:
+            call = f"<tool_call>\n{call}\n</tool_call>"
+        assert accepts(grammar, call)
+        assert not accepts(grammar, call.replace("40", '"40"'))  # b is an integer
+        assert not accepts(grammar, call.replace("add", "get_weather"))  # not bound
+    either = call_grammar(SPECS, forced=False)
+    value = xgr.Grammar.from_json_schema(json.dumps(either.slot[1]), any_whitespace=False)
+    grammar = xgr.Grammar.from_ebnf(either.fill(str(value), xgrammar=True))
+    assert accepts(grammar, "Sunny, I think.")
+    assert accepts(grammar, '{"name": "get_weather", "arguments": {"location": "Rome"}}')
+    assert not accepts(grammar, '{"name": "get_weather", "arguments": {}}')  # location
+    with pytest.raises(ImportError, match=r"llamacpp|all"):
+        forced.gbnf  # noqa: B018  (llama.cpp's GBNF needs llama.cpp's converter)
 
 
 def test_specs_keep_the_schema_a_template_and_a_grammar_need():

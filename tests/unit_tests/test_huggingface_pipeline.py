@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -10,8 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from langchain_localllms._detok import IncrementalDetokenizer
-from langchain_localllms.grammars import Grammar
-from langchain_localllms.grammars import gbnf_for_xgrammar
+from langchain_localllms.grammars import Grammar, gbnf_for_xgrammar
 from langchain_localllms.llms import huggingface_pipeline as hp
 from langchain_localllms.runtimes.huggingface import options as hf_options
 
@@ -230,3 +230,30 @@ def test_a_cached_hub_id_loads_offline(tmp_path):
         str(snapshot),
         True,
     )
+
+
+def test_integers_without_bounds_get_llama_cpps_16_digits():
+    # xgrammar's own converter lets a model write digits until its token limit; the
+    # schema it gets bounds them as llama.cpp's converter does, and keeps given bounds.
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    from langchain_localllms.runtimes.huggingface.generation import bounded_integers
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "days": {"type": "integer"},
+            "age": {"type": ["integer", "null"], "minimum": 0},
+            "kind": {"const": {"type": "integer"}},  # a value, not a schema
+        },
+    }
+    bounded = bounded_integers(schema)
+    assert bounded["properties"]["age"]["minimum"] == 0
+    assert bounded["properties"]["kind"] == {"const": {"type": "integer"}}
+    grammar = xgr.Grammar.from_json_schema(
+        json.dumps(bounded["properties"]["days"]), any_whitespace=False
+    )
+    assert accepts(grammar, "9" * 16)
+    assert accepts(grammar, "-3")
+    assert not accepts(grammar, "1" + "0" * 16)

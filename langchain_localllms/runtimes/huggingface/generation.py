@@ -28,6 +28,32 @@ from langchain_localllms.errors import ContextOverflowError
 from langchain_localllms.grammars import Grammar, gbnf_for_xgrammar
 from langchain_localllms.runtimes.huggingface.options import Settings
 
+#: The largest integer a grammar lets a model write where its schema sets no bound:
+#: 16 digits, as llama.cpp's schema converter allows. xgrammar's allows any number of
+#: digits, and a small model can write zeros until its token limit (measured: Gemma-
+#: 3-270M's forced ``"days": 1000...`` ran past 64 tokens), which never parses.
+INTEGER_BOUND = 10**16 - 1
+
+
+#: Schema keywords whose values are JSON values, not schemas.
+_VALUES = frozenset({"const", "enum", "default", "examples"})
+
+
+def bounded_integers(schema: Any) -> Any:
+    """``schema`` with every integer that has no bound given +-:data:`INTEGER_BOUND`."""
+    if isinstance(schema, list):
+        return [bounded_integers(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _VALUES else bounded_integers(v) for k, v in schema.items()}
+    types = out.get("type")
+    if types == "integer" or (isinstance(types, list) and "integer" in types):
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -INTEGER_BOUND
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = INTEGER_BOUND
+    return out
+
 
 # ------------------------------------------------------------- decode, stop
 class _Ended:
@@ -181,7 +207,12 @@ class HFEngine:
             self._grammars["\0compiler"] = compiler
         try:
             if g.schema is not None:
-                compiled = compiler.compile_json_schema(json.dumps(g.schema), any_whitespace=False)
+                schema = json.dumps(bounded_integers(g.schema))
+                compiled = compiler.compile_json_schema(schema, any_whitespace=False)
+            elif g.slot is not None:  # the value's rules from xgrammar's own converter
+                schema = json.dumps(bounded_integers(g.slot[1]))
+                value = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+                compiled = compiler.compile_grammar(g.fill(str(value), xgrammar=True))
             else:
                 compiled = compiler.compile_grammar(gbnf_for_xgrammar(g.gbnf))
         except RuntimeError as e:
