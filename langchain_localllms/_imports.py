@@ -35,7 +35,9 @@ def require(module: str, *, feature: str | None = None, extra: str | None = None
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        dist, usual = _RUNTIMES.get(module, (module, "all"))
+        # a submodule (llama_cpp.llama_grammar) is installed by its package's extra
+        known = _RUNTIMES.get(module) or _RUNTIMES.get(module.split(".")[0])
+        dist, usual = known or (module, "all")
         extra = extra or usual
         msg = (
             f"{feature or module} needs the `{dist}` package, which could not be "
