@@ -197,6 +197,17 @@ class NativeThread:
                     self._running = 0
                     self.cond.notify_all()
 
+    def is_current(self) -> bool:
+        """Whether the caller runs on this thread."""
+        return threading.current_thread() is self._thread
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Queue ``fn()`` on this thread and return at once.
+
+        ``fn`` reports its own result and errors: what it raises is dropped.
+        """
+        self._submit(fn)
+
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` on this thread and return its result (or raise its error).
 

@@ -6,12 +6,15 @@ For each runtime, in its own process (so peak RSS is its own):
   nothing but the model) / the raw runtime called directly, configured well;
 * time to first streamed token, ours - raw;
 * a batch of 16 prompts through ``batch()`` / 16 sequential ``invoke()`` (throughput);
-* the same figures for ``langchain_community.llms`` where it runs offline;
+* the same figures for ``langchain_community.llms`` where it runs offline, with the
+  class's defaults and tuned like the raw runtime where it has settings for that;
+* LlamaCpp: 4 threads calling one instance / the same calls serialized, and prefix reuse;
 * peak RSS.
 
-Measurements interleave raw and wrapped runs and repeat them; the report gives the
-median and the spread (min..max) of every ratio. Run: ``make bench`` (it writes
-docs/benchmarks.md and docs/benchmarks.png) or
+Measurements pair each wrapped run with its raw counterpart in the same repetition,
+alternate their order and repeat them, with prompts new to every cache; the report gives
+the median, the spread (min..max) and the number of samples of every ratio. Run:
+``make bench`` (it writes docs/benchmarks.md, .json and .png) or
 ``python scripts/bench.py --runtime llamacpp --reps 5``.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,19 +50,43 @@ SHORT_PROMPT = "The first man on the moon was"
 DECODE_TOKENS = 64
 #: transformers decodes Gemma-3-270M (float32) at a few tokens/s here: fewer tokens.
 HF_DECODE_TOKENS = 32
-BATCH_PROMPTS = [f"Fact number {i} about the moon is that" for i in range(16)]
+BATCH_SIZE = 16
 BATCH_TOKENS = 16
+#: Threads calling one LlamaCpp instance at once (``lc_threads``), each making
+#: ``BATCH_SIZE // LC_THREADS`` calls one after another.
+LC_THREADS = 4
+#: The shape of docs/benchmarks.json this script writes and ``--report-only`` reads.
+REPORT_FORMAT = 2
 NOTE = (
     "Peak RSS is that runtime's whole bench process: the raw runtime, our class and the "
-    "community class loaded side by side (HuggingFacePipeline: one model, shared by all three). "
-    "Every prompt is new to the runtime (a number of its own in front), so no prompt cache "
-    "answers it. For Llamafile and Ollama, speeds are the server's; the ratios measure the "
-    "client's cost per request against httpx reading the stream itself. The Ollama server is "
-    "the tests' loopback one (llama-cpp-python behind Ollama's HTTP API, one request at a time, "
-    "in a process of its own): no Ollama binary can be installed here. The OpenVINO row runs "
-    "in .venv-openvino, which has no langchain_community (its transformers pin differs); "
-    "GPT4All runs the tiny Llama model (its bundled llama.cpp cannot load Gemma 3), whose "
-    "stream is counted in pieces on both sides."
+    "community class (LlamaCpp: two instances, defaults and tuned) loaded side by side "
+    "(HuggingFacePipeline: one model, shared by all). Every prompt is new to the runtime, so "
+    "no prompt cache (LlamaCpp's prefix reuse, a server's) answers it: a number of its own in "
+    "front, drawn anew for every call of every repetition, batch prompts included (the batched "
+    "and the sequential side of a repetition each get 16 prompts of their own, of one shape). "
+    "The one exception is the decode prompt, which raw, ours and the community class get alike "
+    "so that they decode the same tokens; only its decode, after the first token, is timed. "
+    "GPT4All keeps no prompt cache and gets its prompts without the number (the random tiny "
+    "model ends some numbered prompts at once). Ours runs LlamaCpp with its defaults, "
+    "cache_prompt on: it reuses only whole 256-token chunks of a prefix shared with the "
+    "previous prompt, and every measured prompt differs from the previous one within its first "
+    "tokens, so nothing is reused outside the prefix column (a cache that reuses any shared "
+    "prefix, as llama-cpp-python's Llama in the community class and in the Ollama loopback "
+    "does, skips at most those first few tokens). The tuned community columns differ from the "
+    "defaults only for LlamaCpp (langchain_community's LlamaCpp defaults to n_batch=8 and "
+    "n_threads=None, with which llama.cpp decodes on half the CPUs; tuned: n_batch=512, "
+    "n_threads and n_threads_batch = all CPUs, n_ctx=2048, as raw). Elsewhere they read \"= "
+    "defaults\": the Llamafile and Ollama classes are clients and the server does the work, "
+    "configured once for every client; CTranslate2's class builds its Generator with "
+    "CTranslate2's own defaults, which raw uses too, and HuggingFacePipeline's wraps the very "
+    "model raw calls (torch's threads are the process's): raw sets nothing that these classes "
+    "could set otherwise. For Llamafile and Ollama, speeds are the server's; the ratios "
+    "measure the client's cost per request against httpx reading the stream itself. The Ollama "
+    "server is the tests' loopback one (llama-cpp-python behind Ollama's HTTP API, one request "
+    "at a time, in a process of its own): no Ollama binary can be installed here. The OpenVINO "
+    "row runs in .venv-openvino, which has no langchain_community (its transformers pin "
+    "differs); GPT4All runs the tiny Llama model (its bundled llama.cpp cannot load Gemma 3), "
+    "whose stream is counted in pieces on both sides."
 )
 
 
@@ -93,7 +122,9 @@ def timed(pieces: Iterator[Any], prompt_tokens: int, count: Callable[[], int] | 
 
 @dataclass
 class Adapter:
-    """How to run one runtime raw, through our class and through langchain_community."""
+    """How to run one runtime raw, through our class and through langchain_community
+    (``community``: the class's defaults; ``community_tuned``: configured like raw, where
+    the class has settings for it and they differ from its defaults)."""
 
     name: str
     raw: Callable[[str, int], Stream]
@@ -108,6 +139,7 @@ class Adapter:
     #: raw and community runs go there too, so all sides share one OpenMP pool (a
     #: second pool in the process slows every side, which would measure the bench).
     thread: str | None = None
+    community_tuned: Any | None = None
 
     def on_thread(self, run: Callable[[], Stream]) -> Stream:
         if self.thread is None:
@@ -175,12 +207,17 @@ def llamacpp() -> Adapter:
         return timed(gen(), len(tokens), lambda: count)
 
     ours = LlamaCpp(model_path=path, temperature=0.0, repeat_penalty=1.0)
-    community = None
+    community = tuned = None
     try:
         from langchain_community.llms import LlamaCpp as CommunityLlamaCpp
 
+        # defaults: n_batch=8, n_threads=None (llama.cpp then decodes on half the CPUs)
         community = CommunityLlamaCpp(model_path=path, temperature=0.0, repeat_penalty=1.0,
                                       max_tokens=DECODE_TOKENS, verbose=False)  # fmt: skip
+        # tuned: the raw Llama's settings
+        tuned = CommunityLlamaCpp(model_path=path, temperature=0.0, repeat_penalty=1.0,
+                                  max_tokens=DECODE_TOKENS, verbose=False, n_ctx=2048, n_batch=512,
+                                  n_threads=threads, model_kwargs={"n_threads_batch": threads})  # fmt: skip
     except ImportError:
         pass
 
@@ -189,7 +226,8 @@ def llamacpp() -> Adapter:
 
     return Adapter("LlamaCpp", run_raw, ours, community,
                    f"the prompts decode as sequences of one llama.cpp context, {ours.n_parallel} at a time",
-                   {"count": count, "max_kw": "max_tokens"}, thread="llamacpp")  # fmt: skip
+                   {"count": count, "max_kw": "max_tokens"}, thread="llamacpp",
+                   community_tuned=tuned)  # fmt: skip
 
 
 def gpt4all() -> Adapter:
@@ -283,9 +321,10 @@ def _http_raw(url: str, body: dict[str, Any], framing: str) -> Callable[[str, in
     return run_raw
 
 
-#: Slots of the bench's llama-server: on 2 cores, 16 slots decode 16 requests about
-#: 2x faster than one after another; 4 slots only about 1.4x.
-SERVER_SLOTS = 16
+#: Slots of the bench's llama-server: one per prompt of a batch, so that all of a batch
+#: can decode together (the raw_batch figure measures what that gains over one request
+#: after another).
+SERVER_SLOTS = BATCH_SIZE
 
 
 def llamafile() -> Adapter:
@@ -440,74 +479,151 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def raw_concurrency(a: Adapter, slots: int) -> float:
-    """16 prompts sent raw, ``slots`` at a time, against one after another: the
-    server's own ceiling for what batching can gain."""
-    from concurrent.futures import ThreadPoolExecutor
+def batch_prompts(serial: Iterator[int], numbered: bool = True) -> list[str]:
+    """``BATCH_SIZE`` prompts of one shape, new to every cache: a number of its own
+    in front of each (``numbered=False``: none, where the runtime keeps no cache)."""
+    if not numbered:
+        return [f"Fact number {i} about the moon is that" for i in range(BATCH_SIZE)]
+    return [f"{next(serial)} is my number. Fact {i} about the moon is that" for i in range(BATCH_SIZE)]
 
-    t0 = time.perf_counter()
-    for p in BATCH_PROMPTS:
-        a.raw(p, BATCH_TOKENS)
-    t_seq = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(slots) as pool:
-        list(pool.map(lambda p: a.raw(p, BATCH_TOKENS), BATCH_PROMPTS))
-    return t_seq / (time.perf_counter() - t0)
+
+def raw_concurrency(a: Adapter, slots: int, rep: int, prompts: Callable[[], list[str]]) -> float:
+    """16 fresh prompts sent raw, ``slots`` at a time, against 16 other fresh ones one
+    after another (which goes first alternates with ``rep``), as wall time sequential /
+    concurrent: the server's own ceiling for what batching can gain."""
+
+    def sequential() -> float:
+        batch = prompts()
+        t0 = time.perf_counter()
+        for p in batch:
+            a.raw(p, BATCH_TOKENS)
+        return time.perf_counter() - t0
+
+    def concurrent() -> float:
+        batch = prompts()
+        with ThreadPoolExecutor(slots) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(lambda p: a.raw(p, BATCH_TOKENS), batch))
+            return time.perf_counter() - t0
+
+    if rep % 2 == 0:
+        t_seq = sequential()
+        t_conc = concurrent()
+    else:
+        t_conc = concurrent()
+        t_seq = sequential()
+    return t_seq / t_conc
 
 
 #: A few-shot prefix of about 1,000 Gemma tokens, shared by two prompts in a row.
 SHARED_PREFIX = "".join(f"Q: What is {i} plus {i + 1}? A: {2 * i + 1}.\n" for i in range(53))
 
 
-def llamacpp_columns(llm: Any, reps: int) -> dict[str, Any]:
-    """LlamaCpp's in-process batching and prefix reuse, each against its counterpart.
+def llamacpp_columns(llm: Any, reps: int, serial: Iterator[int] | None = None) -> dict[str, Any]:
+    """LlamaCpp's in-process batching, threads and prefix reuse, each against its counterpart.
 
-    Per repetition, with prompts no cache has seen (a number of their own first):
+    Per repetition, with prompts no cache has seen (a number of their own first), each
+    side with prompts of its own:
     ``lc_batch``: tokens/s of one ``generate`` of 16 prompts / 16 ``generate`` calls
-    one after another (which goes first alternates); ``lc_prefix``: the prefill time
-    (to the first token) of a prompt whose ~1,000-token prefix the previous call had /
-    that previous, cold call's; ``lc_prefix_cached``: the share of the warm prompt's
-    tokens that came from the cache; ``lc_prefix_same``: how many warm answers equal
-    the answer of an instance that reuses nothing.
+    one after another (which goes first alternates); ``lc_threads``: tokens/s of 16
+    ``generate`` calls from ``LC_THREADS`` threads at once on the one instance (each
+    thread making its calls one after another) / the same number of calls one after
+    another from one thread (which goes first alternates), with the completion tokens
+    of each side (``lc_threads_tokens``, ``lc_serial_tokens``) and the most sequences
+    decoded together in one step during the threaded run (``lc_threads_widest``);
+    ``lc_prefix``: the prefill time (to the first token) of a prompt whose ~1,000-token
+    prefix the previous call had / that previous, cold call's; ``lc_prefix_cached``: the
+    share of the warm prompt's tokens that came from the cache; ``lc_prefix_same``: how
+    many warm answers equal the answer of an instance that reuses nothing. ``serial``:
+    the numbers to put in front of the prompts (``measure``'s, so none repeats).
     """
     from langchain_localllms import LlamaCpp
 
-    serial = iter(range(10_000, 1_000_000))
+    serial = serial if serial is not None else itertools.count(10_000)
     greedy = {"temperature": 0.0, "repeat_penalty": 1.0}
     cold_llm = LlamaCpp(model_path=llm.model_path, cache_prompt=False, **greedy)
+    batcher = llm._engine._batcher
 
-    def prompts() -> list[str]:
-        return [
-            f"{next(serial)} is my number. Fact {i} about the moon is that"
-            for i in range(len(BATCH_PROMPTS))
-        ]
+    def one(prompt: str) -> Any:
+        return llm.generate([prompt], max_tokens=BATCH_TOKENS).generations[0][0]
 
-    def tokens_per_s(run: Callable[[], list[Any]]) -> float:
+    def throughput(run: Callable[[], list[Any]]) -> tuple[float, int]:
+        """Completion tokens/s of the generations ``run`` returns, and their tokens."""
         t0 = time.perf_counter()
         gens = run()
         elapsed = time.perf_counter() - t0
-        return sum(g.generation_info["completion_tokens"] for g in gens) / elapsed
+        tokens = sum(g.generation_info["completion_tokens"] for g in gens)
+        return tokens / elapsed, tokens
 
-    def batched() -> float:
-        batch = prompts()
-        return tokens_per_s(
-            lambda: [g[0] for g in llm.generate(batch, max_tokens=BATCH_TOKENS).generations]
-        )
+    def batched() -> tuple[float, int]:
+        batch = batch_prompts(serial)
+        return throughput(lambda: [g[0] for g in llm.generate(batch, max_tokens=BATCH_TOKENS).generations])
 
-    def sequential() -> float:
-        batch = prompts()
-        return tokens_per_s(
-            lambda: [llm.generate([p], max_tokens=BATCH_TOKENS).generations[0][0] for p in batch]
-        )
+    def sequential() -> tuple[float, int]:
+        batch = batch_prompts(serial)
+        return throughput(lambda: [one(p) for p in batch])
 
-    out: dict[str, list[float]] = {"lc_batch": [], "lc_prefix": [], "lc_prefix_cached": []}
+    widest: list[float] = []
+
+    def threaded() -> tuple[float, int]:
+        batch = batch_prompts(serial)
+        parts = [batch[i::LC_THREADS] for i in range(LC_THREADS)]
+        with ThreadPoolExecutor(LC_THREADS) as pool:
+            batcher.widest = 0
+            result = throughput(lambda: [g for gens in pool.map(lambda part: [one(p) for p in part], parts)
+                                         for g in gens])  # fmt: skip
+        widest.append(batcher.widest)
+        return result
+
+    def kernels(rep: int, steps: int = 8) -> float:
+        """llama.cpp's own gain at LC_THREADS sequences: the time of ``steps`` decode
+        steps of one row per sequence, one ``llama_decode`` each / that of ``steps``
+        steps of all rows in one ``llama_decode``, on the batch context (no sampling,
+        no wrapper): the ceiling for what threads joining one batch can gain."""
+        engine = llm._engine
+        seqs = range(LC_THREADS)
+
+        def run() -> float:
+            slots = engine._slots_box[0]
+
+            def timed_steps(together: bool) -> float:
+                for q in seqs:
+                    slots.clear(q, 0)
+                    slots.cached[q] = []
+                t0 = time.perf_counter()
+                for pos in range(steps):
+                    rows = [(1000, pos, q, True) for q in seqs]
+                    for part in [rows] if together else [[row] for row in rows]:
+                        slots.decode(part)
+                return time.perf_counter() - t0
+
+            if rep % 2 == 0:
+                one, together = timed_steps(False), timed_steps(True)
+            else:
+                together, one = timed_steps(True), timed_steps(False)
+            for q in seqs:
+                slots.clear(q, 0)
+            return one / together
+
+        return engine.shared.run(run)
+
+    out: dict[str, list[float]] = {k: [] for k in ("lc_batch", "lc_threads", "lc_threads_tokens", "lc_serial_tokens",
+                                                   "lc_kernel", "lc_prefix", "lc_prefix_cached")}  # fmt: skip
     same = 0
     for rep in range(reps):
         if rep % 2 == 0:
-            b, s = batched(), sequential()
+            (b, _), (s, _) = batched(), sequential()
         else:
-            s, b = sequential(), batched()
+            (s, _), (b, _) = sequential(), batched()
         out["lc_batch"].append(b / s)
+        if rep % 2 == 0:
+            (t, t_tokens), (s, s_tokens) = threaded(), sequential()
+        else:
+            (s, s_tokens), (t, t_tokens) = sequential(), threaded()
+        out["lc_threads"].append(t / s)
+        out["lc_kernel"].append(kernels(rep))
+        out["lc_threads_tokens"].append(t_tokens)
+        out["lc_serial_tokens"].append(s_tokens)
         prefix = f"{next(serial)} is my number.\n{SHARED_PREFIX}"
         question = prefix + "Q: What is 12 plus 30? A:"
         cold = llm.generate([prefix + "Q: What is 7 plus 5? A:"], max_tokens=8).generations[0][0]
@@ -519,6 +635,7 @@ def llamacpp_columns(llm: Any, reps: int) -> dict[str, Any]:
         out["lc_prefix_cached"].append(info["cached_tokens"] / info["prompt_tokens"])
         same += warm.text == cold_llm.invoke(question, max_tokens=8)
     cold_llm.close()
+    out["lc_threads_widest"] = widest
     return {**{k: spread(v) for k, v in out.items()}, "lc_prefix_same": {"same": same, "n": reps}}
 
 
@@ -527,16 +644,20 @@ def measure(name: str, reps: int) -> dict[str, Any]:
     reps = min(reps, a.max_reps or reps)
     n_dec = a.decode_tokens
     mk = a.extra["max_kw"]
-    ratios: dict[str, list[float]] = {
-        k: [] for k in ("decode", "prompt", "ttft_ms", "batch", "abatch", "raw_batch", "c_decode", "c_prompt", "c_total")
-    }
+    ratios: dict[str, list[float]] = {k: [] for k in ("decode", "prompt", "ttft_ms", "batch", "abatch", "raw_batch",
+                                                      "c_decode", "c_prompt", "c_total", "t_decode", "t_prompt",
+                                                      "t_total")}  # fmt: skip
     abs_vals: dict[str, list[float]] = {k: [] for k in ("raw_decode", "raw_prompt", "ours_decode", "ours_prompt")}
-    serial = iter(range(100, 1000))
+    serial = itertools.count(100)  # shared by every prompt below: each number is drawn once
+    numbered = not a.extra.get("no_cache")
 
     def fresh(prompt: str) -> str:
         """The prompt behind a number of its own: no server or runtime can answer it from
         a cache of an earlier request's prompt (the Ollama loopback would)."""
-        return f"Note {next(serial)}: {prompt}" if not a.extra.get("no_cache") else prompt
+        return f"Note {next(serial)}: {prompt}" if numbered else prompt
+
+    def fresh_batch() -> list[str]:
+        return batch_prompts(serial, numbered)
 
     # warm-up: load pages, fill caches
     a.on_thread(lambda: a.raw(fresh(SHORT_PROMPT), 8))
@@ -552,8 +673,27 @@ def measure(name: str, reps: int) -> dict[str, Any]:
         o = runs[1]()
         return runs[0](), o
 
+    #: The community classes measured, by the prefix of their ratios' keys.
+    communities = [(key, llm) for key, llm in (("c_", a.community), ("t_", a.community_tuned)) if llm is not None]
+
+    def community(key: str, llm: Any, same: str, r_long: Stream | None, r_dec: Stream) -> None:
+        """A community class's runs against this repetition's raw ones (as ours is measured)."""
+        count = a.extra["count"]
+        long_prompt = fresh(LONG_PROMPT)
+        c_long = a.on_thread(lambda: community_stream(llm, long_prompt, count))
+        c_dec = a.on_thread(lambda: community_stream(llm, same, count))
+        if c_dec.total_s - c_dec.first_s > 1e-3:  # it streamed: phases can be told apart
+            if r_long is not None:
+                ratios[key + "prompt"].append(c_long.prompt_tps / r_long.prompt_tps)
+            ratios[key + "decode"].append(c_dec.decode_tps / r_dec.decode_tps)
+        else:  # no streaming: compare whole-answer throughput instead
+            ratios[key + "total"].append(
+                (c_dec.completion_tokens / c_dec.total_s) / (r_dec.completion_tokens / r_dec.total_s)
+            )
+
     for rep in range(reps):
         first = rep % 2 == 0  # which side goes first alternates: a drift of the machine cancels
+        r_long = None
         if long:  # prompt speed: a long prompt, new to each side
             r_long, o_long = pair((fresh(LONG_PROMPT), fresh(LONG_PROMPT)), 4, first)
             ratios["prompt"].append(o_long.prompt_tps / r_long.prompt_tps)
@@ -568,41 +708,51 @@ def measure(name: str, reps: int) -> dict[str, Any]:
         ratios["decode"].append(o_dec.decode_tps / r_dec.decode_tps)
         abs_vals["raw_decode"].append(r_dec.decode_tps)
         abs_vals["ours_decode"].append(o_dec.decode_tps)
-        if a.community is not None:
-            count = a.extra["count"]
-            c_long = a.on_thread(lambda: community_stream(a.community, fresh(LONG_PROMPT), count))
-            c_dec = a.on_thread(lambda: community_stream(a.community, same, count))
-            if c_dec.total_s - c_dec.first_s > 1e-3:  # it streamed: phases can be told apart
-                ratios["c_prompt"].append(c_long.prompt_tps / r_long.prompt_tps)
-                ratios["c_decode"].append(c_dec.decode_tps / r_dec.decode_tps)
-            else:  # no streaming: compare whole-answer throughput instead
-                ratios["c_total"].append(
-                    (c_dec.completion_tokens / c_dec.total_s) / (r_dec.completion_tokens / r_dec.total_s)
-                )
-    for _ in range(max(1, reps // 2)):
+        for key, llm in communities if first else communities[::-1]:
+            community(key, llm, same, r_long, r_dec)
+
+    # batch: wall time of 16 sequential invokes / one batch (abatch), each side with 16
+    # fresh prompts of its own per repetition; the order rotates between repetitions
+    def sequential() -> float:
+        batch = fresh_batch()
         t0 = time.perf_counter()
-        a.ours.batch(BATCH_PROMPTS, **{mk: BATCH_TOKENS})
-        t_batch = time.perf_counter() - t0
-        if a.extra.get("abatch"):
-            t0 = time.perf_counter()
-            asyncio.run(a.ours.abatch(BATCH_PROMPTS, **{mk: BATCH_TOKENS}))
-            t_abatch = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for p in BATCH_PROMPTS:
+        for p in batch:
             a.ours.invoke(p, **{mk: BATCH_TOKENS})
-        t_seq = time.perf_counter() - t0
-        ratios["batch"].append(t_seq / t_batch)
-        if a.extra.get("abatch"):
-            ratios["abatch"].append(t_seq / t_abatch)
+        return time.perf_counter() - t0
+
+    def batched() -> float:
+        batch = fresh_batch()
+        t0 = time.perf_counter()
+        a.ours.batch(batch, **{mk: BATCH_TOKENS})
+        return time.perf_counter() - t0
+
+    def abatched() -> float:
+        batch = fresh_batch()
+        t0 = time.perf_counter()
+        asyncio.run(a.ours.abatch(batch, **{mk: BATCH_TOKENS}))
+        return time.perf_counter() - t0
+
+    sides: dict[str, Callable[[], float]] = {"batch": batched, "sequential": sequential}
+    if a.extra.get("abatch"):
+        sides["abatch"] = abatched
+    order = list(sides)
+    for rep in range(reps):
+        k = rep % len(order)
+        took = {side: sides[side]() for side in order[k:] + order[:k]}
+        ratios["batch"].append(took["sequential"] / took["batch"])
+        if "abatch" in took:
+            ratios["abatch"].append(took["sequential"] / took["abatch"])
         if a.extra.get("slots"):
-            ratios["raw_batch"].append(raw_concurrency(a, a.extra["slots"]))
-    own = llamacpp_columns(a.ours, reps) if name == "llamacpp" else {}
+            ratios["raw_batch"].append(raw_concurrency(a, a.extra["slots"], rep, fresh_batch))
+    own = llamacpp_columns(a.ours, reps, serial) if name == "llamacpp" else {}
     return {
         "runtime": a.name,
         "ratios": {k: spread(v) for k, v in ratios.items() if v},
         "own": own,
         "absolute": {k: spread(v) for k, v in abs_vals.items() if v},
         "batch_note": a.batch_note,
+        "community": a.community is not None,
+        "community_tuned": a.community_tuned is not None,
         "reps": reps,
         "decode_tokens": n_dec,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -677,9 +827,34 @@ def import_time(reps: int = 5) -> dict[str, float]:
 
 # ------------------------------------------------------------------ report
 def fmt(s: dict[str, float] | None, unit: str = "x", digits: int = 2) -> str:
+    """A summary as ``median (min..max, n=samples)``; "—" where nothing was measured."""
     if not s:
         return "—"
-    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}..{s['max']:.{digits}f})"
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}..{s['max']:.{digits}f}, n={s['n']})"
+
+
+def ratio(r: dict[str, Any], key: str) -> dict[str, float] | None:
+    """A result's ratio as the report shows it: ``lc_*`` from LlamaCpp's own columns, and
+    LlamaCpp's batch as ``lc_batch`` (tokens/s, not the generic loop's wall time)."""
+    own = r.get("own") or {}
+    if key == "batch" and own.get("lc_batch"):
+        return own["lc_batch"]
+    return own.get(key) if key.startswith("lc_") else r["ratios"].get(key)
+
+
+def threads_cell(r: dict[str, Any]) -> str:
+    """LlamaCpp's threads ratio, with llama.cpp's own ceiling at that many sequences."""
+    threads, kernel = ratio(r, "lc_threads"), ratio(r, "lc_kernel")
+    if not threads:
+        return "—"
+    return fmt(threads) + (f"; llama.cpp's ceiling {kernel['median']:.2f}x" if kernel else "")
+
+
+def tuned_cell(r: dict[str, Any], key: str) -> str:
+    """A tuned community cell: "= defaults" where the community class has nothing to tune."""
+    if r["community_tuned"]:
+        return fmt(r["ratios"].get(key))
+    return "= defaults" if r["community"] else "—"
 
 
 def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dict[str, float], reps: int,
@@ -694,29 +869,50 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
         "",
         f"Measured {time.strftime('%Y-%m-%d')} by `make bench` on {platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; {'; '.join(versions)}.",
-        f"Each ratio: median (min..max) over {reps} interleaved repetitions in one run. "
+        f"Each cell: median (min..max, n = samples) over one run of {reps} repetitions (fewer where "
+        "said below). Each sample pairs a wrapped run with its raw counterpart in the same "
+        "repetition (a batch with its sequential calls, threaded calls with serialized ones, a "
+        "warm prefix with a cold one), the order alternating between repetitions. "
         "Ours uses each class's default settings (only the model and greedy sampling "
         "set); raw is the runtime called directly and configured well (all CPUs, "
         "large batch); in-process runtimes run raw and community calls on the one thread our "
-        "class generates on, as a process that uses llama.cpp or torch from one thread does. Targets: decode >= 0.98x, prompt >= 0.95x, first-token overhead <= 5 ms; "
+        "class generates on, as a process that uses llama.cpp or torch from one thread does. "
+        "Community (defaults): the langchain_community class with only the model path, greedy "
+        "sampling and max tokens set, as a user gets it; community (tuned): configured like raw "
+        "where the class has settings for it (\"= defaults\" where nothing differs, see below). "
+        "batch16 / abatch16 / 16 sequential: wall time of 16 sequential `invoke()` calls / one "
+        "`batch()` (`abatch()`) of 16 other prompts; for LlamaCpp (marked tokens/s), completion "
+        "tokens/s of one `generate()` of 16 prompts / that of 16 `generate()` calls one after "
+        "another, so different answer lengths do not bias it. threads4 / serialized (LlamaCpp): "
+        f"completion tokens/s of {BATCH_SIZE} calls from {LC_THREADS} threads at once on one "
+        "instance / that of as many calls one after another from one thread (above 1 is a gain). "
+        "prefix reuse: prefill time (to the first token) of a prompt whose ~1,000-token prefix "
+        "the previous call had / that cold call's (below 1 is a gain). "
+        "Targets: decode >= 0.98x, prompt >= 0.95x, first-token overhead <= 5 ms; "
         "a batch of 16 >= 4x 16 sequential invokes on CTranslate2, >= 2x on HuggingFacePipeline, "
         "and abatch >= 2x on a server with parallel slots.",
         "",
-        "| runtime | decode ours/raw | prompt ours/raw | first token ours-raw | batch16 / 16 sequential | abatch16 / 16 sequential | community decode/raw | community prompt/raw | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| runtime | decode ours/raw | prompt ours/raw | first token ours-raw | batch16 / 16 sequential "
+        "| abatch16 / 16 sequential | threads4 / serialized | prefix reuse: prefill warm/cold "
+        "| community decode/raw (defaults) | community prompt/raw (defaults) "
+        "| community decode/raw (tuned) | community prompt/raw (tuned) | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         q = r["ratios"]
+        batch = fmt(ratio(r, "batch")) + (" tokens/s" if ratio(r, "lc_batch") else "")
         lines.append(
             f"| {r['runtime']} | {fmt(q.get('decode'))} | {fmt(q.get('prompt'))} | "
-            f"{fmt(q.get('ttft_ms'), ' ms', 1)} | {fmt(q.get('batch'))} | {fmt(q.get('abatch'))} | "
-            f"{fmt(q.get('c_decode'))} | {fmt(q.get('c_prompt'))} | {r['peak_rss_mb']:.0f} MB |"
+            f"{fmt(q.get('ttft_ms'), ' ms', 1)} | {batch} | {fmt(q.get('abatch'))} | "
+            f"{threads_cell(r)} | {fmt(ratio(r, 'lc_prefix'))} | "
+            f"{fmt(q.get('c_decode'))} | {fmt(q.get('c_prompt'))} | {tuned_cell(r, 't_decode')} | "
+            f"{tuned_cell(r, 't_prompt')} | {r['peak_rss_mb']:.0f} MB |"
         )
     for r in results:
         if r["ratios"].get("raw_batch"):
             lines.append(f"\n{r['runtime']}: the 16 prompts sent raw (httpx), as many at a time as the server has "
-                         f"slots, against one after another: {fmt(r['ratios']['raw_batch'])} — the server's own "
-                         "ceiling for what a batch can gain.")  # fmt: skip
+                         f"slots, against 16 others one after another (wall time): {fmt(r['ratios']['raw_batch'])} "
+                         "— the server's own ceiling for what a batch can gain.")  # fmt: skip
         if r["reps"] != reps:
             lines.append(f"\n{r['runtime']}: {r['reps']} repetitions and {r['decode_tokens']}-token decodes "
                          "(it decodes this model at a few tokens/s here).")  # fmt: skip
@@ -725,19 +921,28 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
         if own.get("lc_batch"):
             same = own["lc_prefix_same"]
             lines.append(
-                f"\n{r['runtime']}, in-process batching and prefix reuse "
-                f"({own['lc_batch']['n']} repetitions, each against its counterpart in the same "
-                "repetition, prompts new to every cache): a batch of 16 decodes "
-                f"{fmt(own['lc_batch'])} the tokens/s of 16 sequential calls; a prompt whose "
-                "~1,000-token prefix the previous call had takes "
+                f"\n{r['runtime']}, in-process batching, threads and prefix reuse (each sample "
+                "against its counterpart in the same repetition, prompts new to every cache): "
+                f"a batch of 16 decodes {fmt(own['lc_batch'])} the tokens/s of 16 sequential "
+                f"calls; {LC_THREADS} threads calling the one instance at once "
+                f"({BATCH_SIZE // LC_THREADS} calls each, one after another) decode "
+                f"{fmt(own['lc_threads'])} the tokens/s of {BATCH_SIZE} calls one after another "
+                f"(completion tokens per side: {fmt(own['lc_threads_tokens'], '', 0)} threaded, "
+                f"{fmt(own['lc_serial_tokens'], '', 0)} serialized; the widest decode step of the "
+                f"threaded runs advanced {own['lc_threads_widest']['max']:.0f} sequences together; "
+                f"llama.cpp's own gain at {LC_THREADS} sequences, the ceiling for this figure, is "
+                f"{fmt(own['lc_kernel'])}: {LC_THREADS} one-row `llama_decode` calls per step / one "
+                f"{LC_THREADS}-row call, on the batch context, without sampling or wrapper); "
+                "a prompt whose ~1,000-token prefix the previous call had takes "
                 f"{fmt(own['lc_prefix'])} of that cold call's prefill time (to the first "
                 f"token), {fmt(own['lc_prefix_cached'], '', 2)} of its tokens from the cache; "
                 f"its answer equals a cold instance's in {same['same']} of {same['n']}."
             )
     for r in results:
-        if r["ratios"].get("c_total"):
-            lines.append(f"\n{r['runtime']}: langchain_community's class cannot stream, so its whole-answer "
-                         f"throughput / raw is given instead: {fmt(r['ratios']['c_total'])}.")  # fmt: skip
+        for key, which in (("c_total", "defaults"), ("t_total", "tuned")):
+            if r["ratios"].get(key):
+                lines.append(f"\n{r['runtime']}: langchain_community's class ({which}) cannot stream, so its "
+                             f"whole-answer throughput / raw is given instead: {fmt(r['ratios'][key])}.")  # fmt: skip
     lines += ["", NOTE]
     lines += ["", "Absolute speeds (tokens/s, median):", ""]
     for r in results:
@@ -767,9 +972,11 @@ def plot(results: list[dict[str, Any]], png: Path) -> None:
     panels = [
         ("Speed relative to the raw runtime", "speed / raw runtime",
          [("decode", "decode ours/raw"), ("prompt", "prompt ours/raw"),
-          ("c_decode", "community decode/raw"), ("c_prompt", "community prompt/raw")]),
-        ("Batch of 16 against 16 sequential invokes", "throughput / sequential",
-         [("batch", "batch()"), ("abatch", "abatch()"), ("raw_batch", "raw concurrent requests")]),
+          ("c_decode", "community decode/raw (defaults)"), ("c_prompt", "community prompt/raw (defaults)"),
+          ("t_decode", "community decode/raw (tuned)"), ("t_prompt", "community prompt/raw (tuned)")]),
+        ("16 calls together against 16 one after another", "throughput / one after another",
+         [("batch", "batch() (LlamaCpp: tokens/s)"), ("abatch", "abatch()"),
+          ("raw_batch", "raw concurrent requests"), ("lc_threads", f"{LC_THREADS} threads / serialized (tokens/s)")]),
     ]  # fmt: skip
     names = [r["runtime"].replace(" (", "\n(") for r in results]
     fig, axes = plt.subplots(2, 1, figsize=(11, 8))
@@ -778,13 +985,14 @@ def plot(results: list[dict[str, Any]], png: Path) -> None:
         for i, (k, label) in enumerate(keys):
             xs, ys, lo, hi = [], [], [], []
             for j, r in enumerate(results):
-                s = r["ratios"].get(k)
+                s = ratio(r, k)
                 if s:
                     xs.append(j + i * width)
                     ys.append(s["median"])
                     lo.append(s["median"] - s["min"])
                     hi.append(s["max"] - s["median"])
-            ax.bar(xs, ys, width, yerr=[lo, hi], label=label, capsize=3)
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi], label=label, capsize=3)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], names, fontsize=8)
         ax.set_ylabel(ylabel)
@@ -808,13 +1016,30 @@ def run_one(name: str, reps: int) -> dict[str, Any] | None:
         msg = f"bench of {name} failed (exit {proc.returncode})"
         raise RuntimeError(msg)
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    q = result["ratios"]
+    q, own = result["ratios"], result.get("own") or {}
+    lc = (f", threads {fmt(own.get('lc_threads'))} (widest step {own['lc_threads_widest']['max']:.0f}), "
+          f"prefix warm/cold {fmt(own.get('lc_prefix'))}") if own else ""  # fmt: skip
     print(f"[bench] {result['runtime']} ({time.perf_counter() - t0:.0f} s): decode {fmt(q.get('decode'))}, "
           f"prompt {fmt(q.get('prompt'))}, first token {fmt(q.get('ttft_ms'), ' ms', 1)}, "
-          f"batch {fmt(q.get('batch'))}, abatch {fmt(q.get('abatch'))}, "
+          f"batch {fmt(ratio(result, 'batch'))}, abatch {fmt(q.get('abatch'))}, "
+          f"raw batch {fmt(q.get('raw_batch'))}{lc}, "
           f"community decode {fmt(q.get('c_decode'))} prompt {fmt(q.get('c_prompt'))} "
-          f"total {fmt(q.get('c_total'))}", file=sys.stderr)  # fmt: skip
+          f"total {fmt(q.get('c_total'))}, tuned decode {fmt(q.get('t_decode'))} "
+          f"prompt {fmt(q.get('t_prompt'))} total {fmt(q.get('t_total'))}", file=sys.stderr)  # fmt: skip
     return result
+
+
+def load_saved(path: Path) -> dict[str, Any]:
+    """The last run's results for ``--report-only``; exits with a message where they are
+    missing or an older bench.py wrote them in another shape."""
+    if not path.exists():
+        raise SystemExit(f"--report-only: {path} is missing; run `make bench` first")
+    saved: dict[str, Any] = json.loads(path.read_text())
+    if saved.get("format") != REPORT_FORMAT:
+        raise SystemExit(f"--report-only: {path} was written by an older scripts/bench.py (format "
+                         f"{saved.get('format', 1)}; this one reads format {REPORT_FORMAT}, with sample "
+                         "counts, tuned community and LlamaCpp thread columns); run `make bench` anew")  # fmt: skip
+    return saved
 
 
 def main() -> int:
@@ -822,7 +1047,7 @@ def main() -> int:
     ap.add_argument("--runtime", choices=list(ADAPTERS), help="measure one runtime in this process (prints JSON)")
     ap.add_argument("--only", nargs="+", choices=list(ADAPTERS), help="measure these; print, write no report")
     ap.add_argument(
-        "--llamacpp-columns", action="store_true", help="LlamaCpp's batch and prefix columns only"
+        "--llamacpp-columns", action="store_true", help="LlamaCpp's batch, threads and prefix columns"
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -843,14 +1068,15 @@ def main() -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     if args.report_only:
-        saved = json.loads(out.with_suffix(".json").read_text())
+        saved = load_saved(out.with_suffix(".json"))
         results, reps = saved["results"], saved["reps"]
     else:
         results = [r for name in (args.only or ADAPTERS) if (r := run_one(name, args.reps)) is not None]
         reps = args.reps
         if args.only:
             return 0
-        out.with_suffix(".json").write_text(json.dumps({"results": results, "reps": reps}, indent=1) + "\n")
+        saved = {"format": REPORT_FORMAT, "results": results, "reps": reps}
+        out.with_suffix(".json").write_text(json.dumps(saved, indent=1) + "\n")
     imp = import_time()
     cost = wrapper_cost()
     write_report(results, imp, cost, reps, out)

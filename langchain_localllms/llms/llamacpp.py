@@ -357,7 +357,9 @@ class LlamaCpp(LocalLLM):
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
         engine = self._engine_or_fail()
-        yield from engine.pieces(prompt, call.params, tally, reuse=self.cache_prompt)
+        yield from engine.pieces(
+            prompt, call.params, tally, reuse=self.cache_prompt, parallel=self.n_parallel
+        )
 
     def _generate_batch(self, prompts: list[str], call: Call) -> list[Row] | None:
         if self.n_parallel <= 1:

@@ -10,21 +10,25 @@ prompt that shares a prefix with the previous one skips that prefix's prefill, w
 the result is exactly a cold prefill's (:func:`reusable_length`). Batches run in a
 second context with one KV stream per sequence (:class:`_Slots`): up to ``parallel``
 prompts decode in each ``llama_decode``, and a finished one frees its sequence for
-the next prompt.
+the next prompt (:class:`_Batcher`). A single call that starts while another call of
+the model runs joins that batch as one more sequence, from any thread or task; a call
+running alone moves into the batch when others come to join it in its first tokens.
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import ctypes
 import functools
 import inspect
 import logging
+import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +129,7 @@ class LlamaCppEngine:
         self.prefilled = 0
         #: The most sequences one batch ``llama_decode`` advances (0: all of them).
         self.rows_per_decode = 0 if repack else EXACT_ROWS
+        self._batcher = _Batcher(self)
 
     @property
     def llm(self) -> Any:
@@ -155,15 +160,59 @@ class LlamaCppEngine:
         return cached
 
     def pieces(
-        self, prompt: str, p: Mapping[str, Any], tally: Tally, *, reuse: bool = True
+        self,
+        prompt: str,
+        p: Mapping[str, Any],
+        tally: Tally,
+        *,
+        reuse: bool = True,
+        parallel: int = 1,
     ) -> Iterator[str]:
         """Generate for one prompt with sampling parameters ``p``, piece by piece.
 
-        ``reuse``: take the KV of a prefix this prompt shares with the last prompt of
-        the instance's context from the cache, where that is exact.
+        ``reuse``: take the KV of a prefix this prompt shares with an earlier prompt
+        from the cache, where that is exact. ``parallel``: when it is above 1 and
+        another call of this model is running (another thread, task or stream), the
+        prompt joins the batch instead of waiting: it decodes as one more sequence of
+        the batch context, in the same ``llama_decode`` calls as the others.
         """
-        with self.shared.use() as llm:
-            yield from self._pieces(llm, prompt, p, tally, reuse)
+        with self.shared.use() as llm, self._batcher.call(parallel) as turn:
+            if turn.join:
+                done = yield from self._joined(llm, prompt, p, tally, reuse, parallel)
+                if done:
+                    return
+            yield from self._pieces(llm, prompt, p, tally, reuse, parallel, turn.started)
+
+    def _joined(
+        self, llm: Any, prompt: str, p: Mapping[str, Any], tally: Tally, reuse: bool, parallel: int
+    ) -> Generator[str, None, bool]:
+        """One prompt as a sequence of the running batch.
+
+        Returns False when the batch has no room for it (the caller then runs it on
+        its own).
+        """
+        tokens, limit = self._tokens(llm, prompt, p)
+        grammar = self.grammar(p["grammar"]) if p["grammar"] is not None else None
+        job = _Sequence(tokens, limit, [], "", p, grammar, reuse, parallel)
+        tally.prompt_tokens = len(tokens)
+        echo = bool(p["echo"])  # given once the batch has taken the prompt
+        with contextlib.closing(self._batcher.follow(job)) as pieces:
+            for text in pieces:
+                if echo:
+                    echo = False
+                    yield Echo(prompt)
+                tally.completion_tokens += 1  # one item per token, as _pieces hands them
+                if text:
+                    yield text
+        if isinstance(job.error, _NoRoom):
+            return False
+        if echo:
+            yield Echo(prompt)
+        if job.tail:
+            yield job.tail
+        tally.finish_reason = job.tally.finish_reason
+        tally.extra["cached_tokens"] = job.tally.extra.get("cached_tokens", 0)
+        return True
 
     def _tokens(self, llm: Any, prompt: str, p: Mapping[str, Any]) -> tuple[list[int], int]:
         """The prompt's tokens and how many may follow them (ContextOverflowError)."""
@@ -184,16 +233,22 @@ class LlamaCppEngine:
         return tokens, limit
 
     def _pieces(
-        self, llm: Any, prompt: str, p: Mapping[str, Any], tally: Tally, reuse: bool
+        self,
+        llm: Any,
+        prompt: str,
+        p: Mapping[str, Any],
+        tally: Tally,
+        reuse: bool,
+        parallel: int = 1,
+        started: Callable[[], None] = lambda: None,
     ) -> Iterator[str]:
         llama_cpp = require("llama_cpp")
         tokens, limit = self._tokens(llm, prompt, p)
         grammar = self.grammar(p["grammar"]) if p["grammar"] is not None else None
         tally.prompt_tokens = len(tokens)
-        if p["echo"]:
-            yield Echo(prompt)
 
         def work(emit: Emit) -> None:
+            started()
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             sampler = _sampler(llm, p, grammar)
             try:
@@ -203,16 +258,32 @@ class LlamaCppEngine:
                 tally.extra["cached_tokens"] = cached
                 tally.finish_reason = "length"
                 n = 0
+                generated: list[int] = []
                 while True:
                     token = sampler.sample(llm._ctx, -1)
                     if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                         tally.finish_reason = "stop"
                         break
                     n += 1
+                    generated.append(token)
                     # One item per token, text or not, so the reader counts exactly
                     # the tokens it took.
                     if not emit((1, decoder.decode(llm.detokenize([token])))) or n >= limit:
                         break
+                    if parallel > 1 and n <= REPLAY_MAX and self._batcher.wanted():
+                        # Calls wait to join a batch: this one moves there and leads it.
+                        moved = _Sequence(tokens, limit, [], "", p, grammar, reuse, parallel)
+                        moved.sampler, moved.decoder, moved.sink = sampler, decoder, emit
+                        moved.last, moved.n_past = token, llm.n_tokens
+                        moved.tally.completion_tokens = n
+                        moved.tally.first_piece = time.perf_counter()
+                        if self._batcher.adopt(llm, moved, generated[:-1]):
+                            sampler = None  # the batch closed it
+                            if moved.error is not None:
+                                raise moved.error
+                            tally.finish_reason = moved.tally.finish_reason
+                            decoder = moved.decoder
+                            break
                     llm.eval([token])
                 tail = decoder.decode(b"", final=True)
                 if tail:
@@ -221,12 +292,21 @@ class LlamaCppEngine:
                 self._forget(llm)  # a half-done step must not look like a cached prefix
                 raise
             finally:
-                sampler.close()
+                if sampler is not None:
+                    sampler.close()
 
+        # The echo comes once the job is queued: a reader that holds the stream after
+        # it holds no call that joins after this one (see _Batcher.call).
+        echo = bool(p["echo"])
         for n, text in self.shared.stream(work):
+            if echo:
+                echo = False
+                yield Echo(prompt)
             tally.completion_tokens += n
             if text:
                 yield text
+        if echo:
+            yield Echo(prompt)
 
     def _forget(self, llm: Any) -> None:
         """Drop what the instance's context holds: the next prompt starts cold."""
@@ -281,42 +361,37 @@ class LlamaCppEngine:
 
         Up to ``parallel`` prompts decode together, one token each per
         ``llama_decode``; a prompt that ends frees its sequence for the next
-        (continuous batching). Each sequence has its own sampler chain (grammar,
-        penalties, seed), the prompt and token limits of a single call, and ends at
-        its first stop sequence. None when not even one sequence fits in the memory
-        available (the caller then generates one prompt at a time).
+        (continuous batching), and calls from other threads join the same batch. Each
+        sequence has its own sampler chain (grammar, penalties, seed), the prompt and
+        token limits of a single call, and ends at its first stop sequence. None when
+        not even one sequence fits in the memory available (the caller then generates
+        one prompt at a time).
 
         Raises:
             ContextOverflowError: A prompt does not fit the context (before any
                 decoding).
         """
-        with self.shared.use() as llm:
+        with self.shared.use() as llm, self._batcher.call(parallel, batch=True):
+            grammar = self.grammar(p["grammar"]) if p["grammar"] is not None else None
             jobs = []
             for prompt in prompts:
                 tokens, limit = self._tokens(llm, prompt, p)
-                jobs.append(_Sequence(tokens, limit, stops, prefix=prompt if p["echo"] else ""))
-            grammar = self.grammar(p["grammar"]) if p["grammar"] is not None else None
-            width = min(parallel, len(jobs), llm.n_batch, _MAX_SEQUENCES)
-            need = max(len(j.tokens) + j.limit for j in jobs)
-            cancel = current_cancel()
-
-            def work() -> bool:
-                slots = self._slots(llm, width, need)
-                if slots is None:
-                    return False
-                _run(llm, slots, jobs, p, grammar, self, reuse, cancel)
-                return True
-
-            if not self.shared.run(work):
+                prefix = prompt if p["echo"] else ""
+                jobs.append(_Sequence(tokens, limit, stops, prefix, p, grammar, reuse, parallel))
+            if not self._batcher.wait(jobs):
                 return None
+        for job in jobs:
+            if job.tail and job.pieces:
+                job.pieces[-1] += job.tail
         return [Row(j.pieces, j.tally, prefix=j.prefix) for j in jobs]
 
     def _slots(self, llm: Any, width: int, need: int) -> _Slots | None:
         """The batch context, with at least ``width`` sequences of ``need`` tokens.
 
         Made on first use and kept (its KV serves later batches' shared prefixes);
-        made anew, larger, when a batch needs more. None when it would take more
-        than half the memory available at one sequence already.
+        made anew, larger, when a batch needs more (only while no sequence runs in
+        it). None when it would take more than half the memory available at one
+        sequence already.
         """
         box = self._slots_box
         have = box[0] if box else None
@@ -475,14 +550,38 @@ _MAX_SEQUENCES = 256
 COPY_MIN_TOKENS = 32
 
 
-class _Sequence:
-    """One prompt of a batch: its tokens, sampler, pieces and usage so far."""
+class _NoRoom(Exception):
+    """Not even one sequence of this length fits in the memory available for a batch."""
 
-    def __init__(self, tokens: list[int], limit: int, stops: list[str], prefix: str) -> None:
+
+class _Sequence:
+    """One prompt of the batch: its tokens, sampling, pieces and usage so far.
+
+    ``pieces`` holds one text per generated token (empty where the token completes
+    no character yet); ``tail`` what the decoder still held at the end.
+    """
+
+    def __init__(
+        self,
+        tokens: list[int],
+        limit: int,
+        stops: list[str],
+        prefix: str,
+        p: Mapping[str, Any],
+        grammar: Any,
+        reuse: bool,
+        parallel: int,
+    ) -> None:
         self.tokens = tokens
         self.limit = limit
         self.prefix = prefix
+        self.p = p
+        self.grammar = grammar
+        self.reuse = reuse
+        self.parallel = parallel
+        self.cancel = current_cancel()
         self.pieces: list[str] = []
+        self.tail = ""
         self.tally = Tally(prompt_tokens=len(tokens))
         self.watch = StopStream(stops)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -490,7 +589,19 @@ class _Sequence:
         self.n_past = 0
         self.last = -1
         self.sampler: Any = None
-        self.done = False
+        #: Set by the batch loop: no more pieces come (done, failed or given up).
+        self.finished = False
+        self.error: BaseException | None = None
+        #: Set by the reader: it no longer reads (a stream closed early).
+        self.gone = False
+        #: Where a call moved from the instance context hands its pieces (its
+        #: stream's ``emit``) instead of ``pieces``.
+        self.sink: Emit | None = None
+
+    @property
+    def dropped(self) -> bool:
+        """Whether nobody waits for this sequence any more."""
+        return self.gone or (self.cancel is not None and self.cancel.is_set)
 
 
 class _Slots:
@@ -582,52 +693,306 @@ class _Slots:
         self.cached = [[] for _ in range(self.n_seq)]
 
 
-def _run(
-    llm: Any,
-    slots: _Slots,
-    jobs: list[_Sequence],
-    p: Mapping[str, Any],
-    grammar: Any,
-    engine: LlamaCppEngine,
-    reuse: bool,
-    cancel: Any,
-) -> None:
-    """Continuous batching of ``jobs`` on ``slots`` (on the llama.cpp thread)."""
-    llama_cpp = require("llama_cpp")
-    vocab = llm._model.vocab
-    ctx = slots.context.ctx
-    pending = collections.deque(jobs)
-    free = list(range(slots.n_seq))
-    active: list[_Sequence] = []
+#: A call running alone moves into the batch that other calls wait to join only in
+#: its first tokens: each one it generated is decoded again there, one step each.
+REPLAY_MAX = 4
+#: Rows that decode faster one by one still decode together every this many steps.
+PROBE_EVERY = 16
+#: A batch context made for calls that join one another has room for at least this
+#: many sequences (up to ``n_parallel``): more calls may come than are waiting now.
+MIN_WIDTH = 4
 
-    def advance(job: _Sequence, index: int) -> None:
-        """Sample the job's next token from row ``index`` of the last decode."""
-        token = llama_cpp.llama_sampler_sample(job.sampler.sampler, ctx, index)
-        if job.tally.first_piece is None:
-            job.tally.first_piece = time.perf_counter()
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
-            job.tally.finish_reason = "stop"
-            job.done = True
-        else:
-            job.pieces.append(job.decoder.decode(llm.detokenize([token])))
-            job.tally.completion_tokens += 1
-            job.watch.push(job.pieces[-1])
-            job.last = token
-            job.done = job.tally.completion_tokens >= job.limit or job.watch.stopped
-        if job.done:
-            job.tally.completion_ms = (time.perf_counter() - job.tally.first_piece) * 1e3
-            tail = job.decoder.decode(b"", final=True)
-            if tail and job.pieces:
-                job.pieces[-1] += tail
+
+class _Turn:
+    """Where one call runs: ``join`` the batch, or alone.
+
+    A lone call says ``started()`` once its job begins on the runtime's thread.
+    """
+
+    def __init__(self, join: bool, batcher: _Batcher) -> None:
+        self.join = join
+        self._batcher: _Batcher | None = None if join else batcher
+
+    def started(self) -> None:
+        """Say, once, that the lone call's job began (or that it never will)."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher._started()
+
+
+class _Batcher:
+    """Continuous batching on an engine's batch context, fed from any thread.
+
+    Batches (:meth:`wait`) and single calls that find another call of the model
+    running (:meth:`follow`) queue their sequences here. One loop on the runtime's
+    thread admits them into free sequences of the batch context between decode steps
+    and advances every running sequence by one token per step, in one
+    ``llama_decode``; it ends when nothing runs or waits, and the next sequence
+    starts it again.
+    """
+
+    def __init__(self, engine: LlamaCppEngine) -> None:
+        self.engine = engine
+        self.cond = threading.Condition()
+        self.waiting: collections.deque[_Sequence] = collections.deque()
+        self.looping = False
+        #: Calls of this model in progress (single calls and batches).
+        self.calls = 0
+        #: Lone calls whose job has not begun on the runtime's thread yet.
+        self.starting = 0
+        #: The most sequences one decode step has advanced together (for tests).
+        self.widest = 0
+        #: Per width: decode steps seen, and the seconds one takes (moving average).
+        self._cost: dict[int, tuple[int, float]] = {}
+        self._split_steps = 0
+        # What the loop runs (touched on the runtime's thread only): the batch
+        # context, its running sequences, and its free sequences.
+        self._running_in: _Slots | None = None
+        self._active: list[_Sequence] = []
+        self._free: list[int] = []
+
+    @contextlib.contextmanager
+    def call(self, parallel: int, *, batch: bool = False) -> Iterator[_Turn]:
+        """Count a call of the model while it runs, and say where it runs.
+
+        A single call joins the batch (``turn.join``) when another call runs and
+        ``parallel`` allows more than one sequence. Otherwise it runs alone in the
+        instance context, and until its job starts on the runtime's thread
+        (``turn.started()``), calls that join after it do not start the batch loop:
+        that loop would run first and keep the lone call waiting until the batch
+        drains. The lone call leads the batch instead (:meth:`adopt`), or starts the
+        loop once it has begun.
+        """
+        thread = self.engine.shared.thread
+        with self.cond:
+            join = batch or (self.calls > 0 and parallel > 1 and not thread.is_current())
+            self.calls += 1
+            if not join:
+                self.starting += 1
+        turn = _Turn(join, self)
+        try:
+            yield turn
+        finally:
+            turn.started()
+            with self.cond:
+                self.calls -= 1
+
+    def _started(self) -> None:
+        """A lone call's job began: start the loop for the calls that wait to join."""
+        with self.cond:
+            self.starting -= 1
+            start = bool(self.waiting) and not self.looping and not self.starting
+            if start:
+                self.looping = True
+        if start:
+            self.engine.shared.thread.post(self._loop)
+
+    def submit(self, jobs: list[_Sequence]) -> None:
+        """Queue sequences; start the loop on the runtime's thread if it is not running.
+
+        Not while a lone call is about to start: that call leads or starts it.
+        """
+        with self.cond:
+            self.waiting.extend(jobs)
+            start = not self.looping and not self.starting
+            if start:
+                self.looping = True
+            self.cond.notify_all()
+        for job in jobs:
+            if job.cancel is not None:
+                job.cancel.on_set(self._wake)
+        if start:
+            self.engine.shared.thread.post(self._loop)
+
+    def _wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait(self, jobs: list[_Sequence]) -> bool:
+        """Run ``jobs`` to their end; False when they found no room (see :class:`_NoRoom`)."""
+        if self.engine.shared.thread.is_current():
+            return False  # the loop would have to run on this very thread: one at a time
+        self.submit(jobs)
+        with self.cond:
+            while not all(j.finished for j in jobs):
+                if any(j.cancel is not None and j.cancel.is_set for j in jobs):
+                    break  # the caller gave up; the loop drops its sequences
+                self.cond.wait()
+        for job in jobs:
+            if job.error is not None and not isinstance(job.error, _NoRoom):
+                raise job.error
+        return not any(isinstance(j.error, _NoRoom) for j in jobs)
+
+    def follow(self, job: _Sequence) -> Generator[str, None, None]:
+        """Queue ``job``; yield its pieces as the loop makes them (one per token)."""
+        self.submit([job])
+        read = 0
+        try:
+            while True:
+                with self.cond:
+                    while read >= len(job.pieces) and not job.finished and not job.dropped:
+                        self.cond.wait()
+                    if read < len(job.pieces):
+                        piece = job.pieces[read]
+                        read += 1
+                    elif job.error is not None and not isinstance(job.error, _NoRoom):
+                        raise job.error
+                    else:
+                        return
+                yield piece
+        finally:
+            with self.cond:
+                job.gone = True  # a stream closed early: the loop drops the sequence
+
+    # ---------------------------------------------------------------- the loop
+    def wanted(self) -> bool:
+        """Whether calls wait for the loop to take them.
+
+        Asked on the runtime's thread, where the loop does not run now.
+        """
+        with self.cond:
+            return bool(self.waiting)
+
+    def adopt(self, llm: Any, job: _Sequence, replay: list[int]) -> bool:
+        """Move a call running in the instance context into the batch, and run it.
+
+        The batch runs to its end here, on the runtime's thread, in that call's job.
+        ``job`` carries the call's sampler, decoder, last sampled token and ``sink``.
+        Its KV is computed again in a free sequence as the instance context computed
+        it: the prompt in the same chunks (what a sequence holds of it is kept), then
+        ``replay`` (the tokens it generated before the last) one per ``llama_decode``.
+        (llama.cpp cannot load a one-stream context's sequence state into a context
+        of several streams.) False, and nothing moved, when the batch context has no
+        room for it or its prompt is more than a chunk to evaluate again.
+        """
+        if self._active:
+            return False  # a batch runs already (its loop is queued): join it as others do
+        with self.cond:
+            others = list(self.waiting)
+        width = min(
+            max(j.parallel for j in [job, *others]),
+            max(len(others) + 1, self.calls, MIN_WIDTH),
+            llm.n_batch,
+            _MAX_SEQUENCES,
+        )
+        need = max(len(j.tokens) + j.limit for j in [job, *others])
+        slots = self.engine._slots(llm, width, need)
+        if slots is None:
+            return False
+        seq, keep = self._seat(slots, job, list(range(slots.n_seq)))
+        if len(job.tokens) - keep > PREFILL_CHUNK:
+            return False  # its prompt would take longer to evaluate again than to wait
+        slots.cached[seq] = []
+        slots.clear(seq, keep)
+        self._prefill(slots, seq, job.tokens, keep, logits=False)
+        for pos, token in enumerate(replay, len(job.tokens)):
+            slots.decode([(token, pos, seq, False)])
+        job.seq = seq
+        self._running_in = slots
+        self._active[:] = [job]
+        self._free[:] = [s for s in range(slots.n_seq) if s != seq]
+        self._loop(lead=job)
+        return True
+
+    def _loop(self, lead: _Sequence | None = None) -> None:
+        """Admit waiting sequences and decode running ones until none is left.
+
+        Started with nothing running (the job :meth:`submit` queues), or by
+        :meth:`adopt` with the call it moved running: that call's job returns once its
+        own sequence ends, and a job queued after it runs the rest.
+        """
+        engine = self.engine
+        active, free = self._active, self._free
+        taken: list[_Sequence] = []
+        slots = self._running_in
+        try:
+            llm = engine.llm
+            while True:
+                with self.cond:
+                    for job in [j for j in active if j.dropped]:
+                        active.remove(job)
+                        self._end(job, free)
+                    for job in [j for j in self.waiting if j.dropped]:
+                        self.waiting.remove(job)
+                        self._end(job, free)
+                    if lead is not None and lead.finished:
+                        if active or self.waiting:
+                            engine.shared.thread.post(self._loop)
+                        return
+                    if not active:
+                        slots = self._context(llm) if self.waiting else None
+                        self._running_in = slots
+                        free[:] = range(slots.n_seq) if slots is not None else []
+                    while self.waiting and len(taken) < len(free) and slots is not None:
+                        job = self.waiting[0]
+                        if len(job.tokens) + job.limit > slots.n_ctx_seq:
+                            break  # it needs a larger context: made once the batch drains
+                        taken.append(self.waiting.popleft())
+                    if not active and not taken:
+                        self.looping = False
+                        self.cond.notify_all()
+                        return
+                assert slots is not None
+                while taken:
+                    job = taken.pop(0)
+                    self._admit(llm, slots, job, free)
+                    if not job.finished:
+                        active.append(job)
+                if active:
+                    self._step(llm, slots, active, free)
+        except BaseException as e:
+            if slots is not None:
+                slots.forget()
+            with self.cond:
+                for job in [*active, *taken, *self.waiting]:
+                    job.error = e
+                    self._end(job, [])
+                active.clear()
+                self.waiting.clear()
+                self.looping = False
+                self.cond.notify_all()
+            if not isinstance(e, Exception):
+                raise
+
+    def _context(self, llm: Any) -> _Slots | None:
+        """The batch context for what waits now (made or grown while nothing runs).
+
+        None, and the waiting sequences failed with :class:`_NoRoom`, when not even
+        one of them fits in memory. Called with the lock held.
+        """
+        waiting = self.waiting
+        parallel = max(j.parallel for j in waiting)
+        width = min(parallel, max(len(waiting), self.calls, MIN_WIDTH), llm.n_batch, _MAX_SEQUENCES)
+        need = max(len(j.tokens) + j.limit for j in waiting)
+        slots = self.engine._slots(llm, width, need)
+        if slots is None:
+            for job in waiting:
+                job.error = _NoRoom()
+                self._end(job, [])
+            waiting.clear()
+            self.cond.notify_all()
+        return slots
+
+    def _end(self, job: _Sequence, free: list[int]) -> None:
+        """The sequence is over: close its sampler, free its KV stream, wake readers."""
+        if job.sampler is not None:
             job.sampler.close()
             job.sampler = None
+        if job.seq >= 0:
+            free.append(job.seq)
+            job.seq = -1
+        job.finished = True
+        self.cond.notify_all()
 
-    def admit(job: _Sequence) -> None:
-        """Give the job a free sequence, evaluate its prompt, sample its first token."""
-        job.tally.started = time.perf_counter()
-        job.tally.finish_reason = "length"
+    def _seat(self, slots: _Slots, job: _Sequence, free: list[int]) -> tuple[int, int]:
+        """A free sequence for the job, and how many of its prompt tokens it keeps.
+
+        The free sequence that holds the longest reusable prefix of the prompt, or a
+        copy of another sequence's when that saves :data:`COPY_MIN_TOKENS` more.
+        """
+        engine = self.engine
         seq, keep, src = free[0], 0, -1
-        if reuse and engine.reusable:
+        if job.reuse and engine.reusable:
             chunk = engine.chunk
             for s in free:  # what a free sequence still holds
                 k = reusable_length(slots.cached[s], job.tokens, chunk)
@@ -640,56 +1005,124 @@ def _run(
             if src >= 0 and src != seq:
                 seq = min(free, key=lambda s: len(slots.cached[s]))
                 slots.copy(src, seq)
+        return seq, keep
+
+    def _prefill(
+        self, slots: _Slots, seq: int, tokens: list[int], keep: int, *, logits: bool
+    ) -> int:
+        """Evaluate ``tokens[keep:]`` in sequence ``seq``, in the fixed chunks.
+
+        Returns the row of the last token in the last decode (``logits``: its logits
+        are computed).
+        """
+        n = len(tokens)
+        last = 0
+        for start, end in prefill_chunks(keep, n, self.engine.chunk):
+            rows = [(tokens[i], i, seq, logits and i == n - 1) for i in range(start, end)]
+            slots.decode(rows)
+            last = end - start - 1
+        slots.cached[seq] = tokens[: canonical_length(n, self.engine.chunk)]
+        self.engine.prefilled += n - keep
+        return last
+
+    def _admit(self, llm: Any, slots: _Slots, job: _Sequence, free: list[int]) -> None:
+        """Give the job a free sequence, evaluate its prompt, sample its first token."""
+        job.tally.started = time.perf_counter()
+        job.tally.finish_reason = "length"
+        seq, keep = self._seat(slots, job, free)
         free.remove(seq)
         job.seq = seq
-        job.sampler = _sampler(llm, p, grammar)
+        job.sampler = _sampler(llm, job.p, job.grammar)
         slots.cached[seq] = []
         slots.clear(seq, keep)
         job.tally.extra["cached_tokens"] = keep
-        n = len(job.tokens)
-        last = 0
-        for start, end in prefill_chunks(keep, n, engine.chunk):
-            if cancel is not None and cancel.is_set:
-                return
-            rows = [(job.tokens[i], i, seq, i == n - 1) for i in range(start, end)]
-            slots.decode(rows)
-            last = end - start - 1
-        slots.cached[seq] = job.tokens[: canonical_length(n, engine.chunk)]
-        engine.prefilled += n - keep
-        job.n_past = n
-        advance(job, last)
-        if job.done:
-            free.append(seq)
-        else:
-            active.append(job)
+        if job.dropped:
+            with self.cond:
+                self._end(job, free)
+            return
+        last = self._prefill(slots, seq, job.tokens, keep, logits=True)
+        job.n_past = len(job.tokens)
+        self._advance(llm, slots, job, last, free)
 
-    try:
-        while pending or active:
-            if cancel is not None and cancel.is_set:
-                return  # the caller gave up: nobody reads the rows
-            while pending and free:
-                admit(pending.popleft())
-            if not active:
-                continue
-            step = list(active)
-            width = engine.rows_per_decode or len(step)
-            for first in range(0, len(step), width):
-                part = step[first : first + width]
-                slots.decode([(j.last, j.n_past, j.seq, True) for j in part])
-                for i, job in enumerate(part):
-                    job.n_past += 1
-                    advance(job, i)
-                    if job.done:
-                        active.remove(job)
-                        free.append(job.seq)
-    except BaseException:
-        slots.forget()
-        raise
-    finally:
-        for job in jobs:
-            if job.sampler is not None:
-                job.sampler.close()
-                job.sampler = None
+    def _step(self, llm: Any, slots: _Slots, active: list[_Sequence], free: list[int]) -> None:
+        """One token for every running sequence (``rows_per_decode`` rows a decode).
+
+        Where one ``llama_decode`` of these rows has taken longer than as many
+        decodes of one row (llama.cpp's kernels for a few rows can be slower than
+        its one-row path: 2 rows of Gemma-3-270M Q4_K_M took 2.3 times one row on 2
+        cores), the rows are decoded one by one instead.
+        """
+        width = self.engine.rows_per_decode or len(active)
+        step = list(active)
+        if self._slower_together(min(width, len(step))):
+            width = 1
+        self.widest = max(self.widest, min(width, len(step)))
+        for first in range(0, len(step), width):
+            part = step[first : first + width]
+            t0 = time.perf_counter()
+            slots.decode([(j.last, j.n_past, j.seq, True) for j in part])
+            self._note_cost(len(part), time.perf_counter() - t0)
+            for i, job in enumerate(part):
+                job.n_past += 1
+                self._advance(llm, slots, job, i, free)
+                if job.finished:
+                    active.remove(job)
+
+    def _note_cost(self, rows: int, seconds: float) -> None:
+        """Keep a moving average of how long a decode step of ``rows`` rows takes.
+
+        The first step of a width is not counted: it includes llama.cpp's setup of
+        that batch shape.
+        """
+        n, before = self._cost.get(rows, (0, 0.0))
+        average = seconds if n <= 1 else 0.8 * before + 0.2 * seconds
+        self._cost[rows] = (n + 1, average if n else 0.0)
+
+    def _slower_together(self, rows: int) -> bool:
+        """Whether ``rows`` rows took longer in one decode than one by one.
+
+        Every :data:`PROBE_EVERY` steps the rows decode together all the same, so
+        the average follows what the machine does now.
+        """
+        if rows <= 1:
+            return False
+        (n1, one), (n, together) = self._cost.get(1, (0, 0.0)), self._cost.get(rows, (0, 0.0))
+        if n1 < 2 or n < 2 or together <= rows * one:
+            return False
+        self._split_steps += 1
+        return self._split_steps % PROBE_EVERY != 0
+
+    def _advance(
+        self, llm: Any, slots: _Slots, job: _Sequence, index: int, free: list[int]
+    ) -> None:
+        """Sample the job's next token from row ``index`` of the last decode."""
+        llama_cpp = require("llama_cpp")
+        token = llama_cpp.llama_sampler_sample(job.sampler.sampler, slots.context.ctx, index)
+        if job.tally.first_piece is None:
+            job.tally.first_piece = time.perf_counter()
+        done = llama_cpp.llama_vocab_is_eog(llm._model.vocab, token)
+        text = None
+        if done:
+            job.tally.finish_reason = "stop"
+        else:
+            text = job.decoder.decode(llm.detokenize([token]))
+            job.tally.completion_tokens += 1
+            job.watch.push(text)
+            job.last = token
+            done = job.tally.completion_tokens >= job.limit or job.watch.stopped
+            if job.sink is not None and not job.sink((1, text)):
+                job.gone = True
+                done = True
+        with self.cond:
+            if text is not None and job.sink is None:
+                job.pieces.append(text)
+            if done:
+                job.tally.completion_ms = (time.perf_counter() - job.tally.first_piece) * 1e3
+                if job.sink is None:
+                    job.tail = job.decoder.decode(b"", final=True)
+                self._end(job, free)
+            else:
+                self.cond.notify_all()
 
 
 _VOCABS: dict[str, Any] = {}

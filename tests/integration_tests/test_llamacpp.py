@@ -163,20 +163,94 @@ def test_unsupported_and_unknown_parameters(model_path):
         LlamaCpp(model_path=path, temperature=-1)
 
 
-def test_threads_share_one_instance(gemma):
-    expected = {p: gemma.invoke(p) for p in PROMPTS}
-    results: list[tuple[str, str]] = []
+def _in_threads(llm, prompts):
+    """Each prompt invoked from a thread of its own, all at once."""
+    results = {}
+    start = threading.Barrier(len(prompts))
 
     def work(p):
-        results.append((p, gemma.invoke(p)))
+        start.wait()
+        results[p] = llm.invoke(p)
 
-    threads = [threading.Thread(target=work, args=(PROMPTS[i % 3],)) for i in range(8)]
+    threads = [threading.Thread(target=work, args=(p,)) for p in prompts]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 8
-    assert all(out == expected[p] for p, out in results)
+    return [results.get(p) for p in prompts]
+
+
+MOON = [f"Fact number {i} about the moon is that" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def gemma_exact(model_path):
+    # Weights as in the file and at most 4 sequences per llama_decode: every sequence
+    # of a batch is computed exactly as a single call (see test_exact_batches_...).
+    llm = LlamaCpp(model_path=str(model_path("gemma-gguf")), exact_batches=True, **GREEDY)
+    yield llm
+    llm.close()
+
+
+def test_calls_from_threads_join_one_batch_and_answer_as_single_calls(gemma_exact):
+    expected = [gemma_exact.invoke(p) for p in MOON]
+    batcher = gemma_exact._engine._batcher
+    batcher.widest = 0
+    assert _in_threads(gemma_exact, MOON) == expected
+    assert batcher.widest > 1  # they decoded together, not one after another
+
+
+def test_threads_share_one_instance_with_repacked_weights(gemma):
+    # Repacked weights round rows of a wide batch otherwise than a single call, so
+    # an answer may differ from its single call's where two tokens nearly tie; every
+    # thread still gets its own prompt's answer, decoded in one batch.
+    batcher = gemma._engine._batcher
+    batcher.widest = 0
+    singles = [gemma.invoke(p) for p in MOON]
+    answers = _in_threads(gemma, MOON)
+    assert batcher.widest > 4
+    for single, answer in zip(singles, answers, strict=True):
+        assert answer and answer.split()[:3] == single.split()[:3]
+
+
+def test_concurrent_async_calls_join_one_batch(gemma_exact):
+    expected = [gemma_exact.invoke(p) for p in MOON[:4]]
+    batcher = gemma_exact._engine._batcher
+    batcher.widest = 0
+
+    async def main():
+        return await asyncio.gather(*(gemma_exact.ainvoke(p) for p in MOON[:4]))
+
+    assert asyncio.run(main()) == expected
+    assert batcher.widest > 1
+
+
+def test_streams_read_in_turn_decode_together_and_one_closed_early_frees_its_place(gemma_exact):
+    a, b = MOON[0], MOON[1]
+    want_a, want_b = gemma_exact.invoke(a), gemma_exact.invoke(b)
+    first = gemma_exact.stream(a)
+    second = gemma_exact.stream(b)
+    got_b = []
+    for i, (_, piece) in enumerate(zip(first, second, strict=False)):
+        got_b.append(piece)
+        if i == 1:
+            break
+    first.close()  # the first stream's sequence ends here; the second goes on
+    got_b += list(second)
+    assert "".join(got_b) == want_b
+    assert gemma_exact.invoke(a) == want_a
+    assert not gemma_exact._engine._batcher.waiting
+
+
+def test_a_batch_and_a_call_from_another_thread_share_the_batch(gemma_exact):
+    expected = [gemma_exact.invoke(p) for p in MOON]
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(single=gemma_exact.invoke(MOON[7])))
+    thread.start()
+    got = gemma_exact.batch(MOON[:7])
+    thread.join()
+    assert got == expected[:7]
+    assert out["single"] == expected[7]
 
 
 def test_seed_flow_callback_manager_streams_to_stdout(model_path, capsys):

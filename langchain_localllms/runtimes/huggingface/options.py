@@ -21,8 +21,8 @@ DEFAULT_MODEL_ID = "gpt2"
 DEFAULT_TASK = "text-generation"
 #: Prompts per ``generate`` call when ``batch_size`` is not set: on an accelerator,
 #: langchain_huggingface's 4 (memory); on a CPU 16, where decoding is bound by
-#: reading the weights and a batch reads them once for all its rows (Gemma-3-270M
-#: here: 16 prompts in one call ran 5x faster than one at a time, 4 only 1.7x).
+#: reading the weights and a batch reads them once for all its rows (docs/benchmarks.md
+#: gives the gain of 16 prompts in one call over one at a time).
 DEFAULT_BATCH_SIZE = 4
 CPU_BATCH_SIZE = 16
 #: What ``langchain_huggingface`` accepts; the last three are encoder-decoder tasks.
