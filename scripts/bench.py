@@ -634,9 +634,19 @@ def llamacpp_columns(llm: Any, reps: int, serial: Iterator[int] | None = None) -
         )
         out["lc_prefix_cached"].append(info["cached_tokens"] / info["prompt_tokens"])
         same += warm.text == cold_llm.invoke(question, max_tokens=8)
+    # Agreement (not timed): the greedy answers of one batch of 16 against each
+    # prompt's single call, on repacked weights (the default) and with exact_batches.
+    agree = {}
+    exact_llm = LlamaCpp(model_path=llm.model_path, exact_batches=True, **greedy)
+    for key, model in (("repacked", llm), ("exact", exact_llm)):
+        batch = batch_prompts(serial)
+        together = model.batch(batch, max_tokens=BATCH_TOKENS)
+        agree[key] = sum(a == model.invoke(p, max_tokens=BATCH_TOKENS) for a, p in zip(together, batch, strict=True))
+    exact_llm.close()
     cold_llm.close()
     out["lc_threads_widest"] = widest
-    return {**{k: spread(v) for k, v in out.items()}, "lc_prefix_same": {"same": same, "n": reps}}
+    return {**{k: spread(v) for k, v in out.items()}, "lc_prefix_same": {"same": same, "n": reps},
+            "lc_agree": {**agree, "n": BATCH_SIZE}}  # fmt: skip
 
 
 def measure(name: str, reps: int) -> dict[str, Any]:
@@ -936,7 +946,12 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
                 "a prompt whose ~1,000-token prefix the previous call had takes "
                 f"{fmt(own['lc_prefix'])} of that cold call's prefill time (to the first "
                 f"token), {fmt(own['lc_prefix_cached'], '', 2)} of its tokens from the cache; "
-                f"its answer equals a cold instance's in {same['same']} of {same['n']}."
+                f"its answer equals a cold instance's in {same['same']} of {same['n']}. "
+                f"Greedy answers ({BATCH_TOKENS} tokens) of one batch of {own['lc_agree']['n']} "
+                f"prompts equal their single calls' in {own['lc_agree']['repacked']} of "
+                f"{own['lc_agree']['n']} with the default (repacked weights, all sequences in one "
+                f"`llama_decode`), and in {own['lc_agree']['exact']} of {own['lc_agree']['n']} "
+                "with `exact_batches=True`."
             )
     for r in results:
         for key, which in (("c_total", "defaults"), ("t_total", "tuned")):

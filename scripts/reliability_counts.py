@@ -127,12 +127,16 @@ ROWS: list[tuple[str, str, str]] = [
         r"|rejects)",
     ),
     (
-        "Concurrency: 8 threads on one `LlamaCpp`, `CTranslate2` or `HuggingFacePipeline` "
-        "give the single-threaded greedy answers; `abatch` keeps every server slot busy and "
-        "the order",
+        "Concurrency: 8 threads on one `CTranslate2` or `HuggingFacePipeline` give the "
+        "single-threaded greedy answers; on `LlamaCpp`, calls from threads, tasks and streams "
+        "read in turn join one batch, each with its own prompt's answer (with "
+        "`exact_batches`: the texts, usage and finish reasons of single calls); `abatch` "
+        "keeps every server slot busy and the order",
         "`test_llamacpp.py`, `test_ctranslate2.py`, `test_huggingface_pipeline.py`, "
         "`test_llamafile.py`, `test_ollama.py`",
-        r"(test_threads_share_one|test_abatch_of_8|test_eight_threads)",
+        r"(test_threads_share_one|test_abatch_of_8|test_eight_threads|test_calls_from_threads_join"
+        r"|test_concurrent_async_calls_join|test_streams_read_in_turn_decode_together"
+        r"|test_a_batch_and_a_call_from_another_thread)",
     ),
     (
         "One instance, any pattern of use, on every runtime class: two streams read in turn "

@@ -276,6 +276,7 @@ class LlamaCppEngine:
                         moved.sampler, moved.decoder, moved.sink = sampler, decoder, emit
                         moved.last, moved.n_past = token, llm.n_tokens
                         moved.tally.completion_tokens = n
+                        moved.tally.finish_reason = "length"
                         moved.tally.first_piece = time.perf_counter()
                         if self._batcher.adopt(llm, moved, generated[:-1]):
                             sampler = None  # the batch closed it

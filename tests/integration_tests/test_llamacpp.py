@@ -163,14 +163,14 @@ def test_unsupported_and_unknown_parameters(model_path):
         LlamaCpp(model_path=path, temperature=-1)
 
 
-def _in_threads(llm, prompts):
-    """Each prompt invoked from a thread of its own, all at once."""
+def _in_threads(call, prompts):
+    """``call(prompt)`` for each prompt from a thread of its own, all at once."""
     results = {}
     start = threading.Barrier(len(prompts))
 
     def work(p):
         start.wait()
-        results[p] = llm.invoke(p)
+        results[p] = call(p)
 
     threads = [threading.Thread(target=work, args=(p,)) for p in prompts]
     for t in threads:
@@ -193,11 +193,19 @@ def gemma_exact(model_path):
 
 
 def test_calls_from_threads_join_one_batch_and_answer_as_single_calls(gemma_exact):
-    expected = [gemma_exact.invoke(p) for p in MOON]
+    def generate(prompt, **kwargs):
+        gen = gemma_exact.generate([prompt], **kwargs).generations[0][0]
+        return gen.text, _without_timings(gen.generation_info)
+
+    expected = [generate(p) for p in MOON]
     batcher = gemma_exact._engine._batcher
     batcher.widest = 0
-    assert _in_threads(gemma_exact, MOON) == expected
+    assert _in_threads(generate, MOON) == expected  # texts, usage, finish reasons
     assert batcher.widest > 1  # they decoded together, not one after another
+    # Capped calls: the one that started alone and led the batch ends as "length" too.
+    capped = [generate(p, max_tokens=5) for p in MOON[:4]]
+    assert {info["finish_reason"] for _, info in capped} == {"length"}
+    assert _in_threads(lambda p: generate(p, max_tokens=5), MOON[:4]) == capped
 
 
 def test_threads_share_one_instance_with_repacked_weights(gemma):
@@ -207,7 +215,7 @@ def test_threads_share_one_instance_with_repacked_weights(gemma):
     batcher = gemma._engine._batcher
     batcher.widest = 0
     singles = [gemma.invoke(p) for p in MOON]
-    answers = _in_threads(gemma, MOON)
+    answers = _in_threads(gemma.invoke, MOON)
     assert batcher.widest > 4
     for single, answer in zip(singles, answers, strict=True):
         assert answer and answer.split()[:3] == single.split()[:3]
