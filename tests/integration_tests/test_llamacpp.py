@@ -17,7 +17,7 @@ import langchain_localllms._base as base
 from langchain_localllms import Grammar, LlamaCpp
 from langchain_localllms._native import native_thread
 from langchain_localllms.errors import ContextOverflowError
-from tests.integration_tests.contract import PROMPT, PROMPTS, LLMContract, Recorder
+from tests.integration_tests.contract import PROMPT, LLMContract, Recorder
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0, "max_tokens": 16}
 
@@ -218,7 +218,8 @@ def test_threads_share_one_instance_with_repacked_weights(gemma):
     answers = _in_threads(gemma.invoke, MOON)
     assert batcher.widest > 4
     for single, answer in zip(singles, answers, strict=True):
-        assert answer and answer.split()[:3] == single.split()[:3]
+        assert answer
+        assert answer.split()[:3] == single.split()[:3]
 
 
 def test_concurrent_async_calls_join_one_batch(gemma_exact):
