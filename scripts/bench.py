@@ -70,8 +70,9 @@ NOTE = (
     "so that they decode the same tokens; only its decode, after the first token, is timed. "
     "GPT4All keeps no prompt cache and gets its prompts without the number (the random tiny "
     "model ends some numbered prompts at once). Ours runs LlamaCpp with its defaults, "
-    "cache_prompt on: it reuses only whole 256-token chunks of a prefix shared with the "
-    "previous prompt, and every measured prompt differs from the previous one within its first "
+    "cache_prompt on: it reuses a prefix shared with the previous prompt only up to a place "
+    "where a cold prefill cuts the prompt too (every 256 tokens, and once more inside the last "
+    "chunk of a prompt of 512 or more), and every measured prompt differs from the previous one within its first "
     "tokens, so nothing is reused outside the prefix column (a cache that reuses any shared "
     "prefix, as llama-cpp-python's Llama in the community class and in the Ollama loopback "
     "does, skips at most those first few tokens). The tuned community columns differ from the "
@@ -568,7 +569,7 @@ def llamacpp_columns(llm: Any, reps: int, serial: Iterator[int] | None = None) -
     thread making its calls one after another) / the same number of calls one after
     another from one thread (which goes first alternates), with the completion tokens
     of each side (``lc_threads_tokens``, ``lc_serial_tokens``) and the most sequences
-    decoded together in one step during the threaded run (``lc_threads_widest``);
+    that ran in the batch at once during the threaded run (``lc_threads_widest``);
     ``lc_prefix``: the prefill time (to the first token) of a prompt whose ~1,000-token
     prefix the previous call had / that previous, cold call's; ``lc_prefix_cached``: the
     share of the warm prompt's tokens that came from the cache; ``lc_prefix_same``: how
@@ -988,8 +989,8 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
                 f"({BATCH_SIZE // LC_THREADS} calls each, one after another) decode "
                 f"{fmt(own['lc_threads'])} the tokens/s of {BATCH_SIZE} calls one after another "
                 f"(completion tokens per side: {fmt(own['lc_threads_tokens'], '', 0)} threaded, "
-                f"{fmt(own['lc_serial_tokens'], '', 0)} serialized; the widest decode step of the "
-                f"threaded runs advanced {own['lc_threads_widest']['max']:.0f} sequences together; "
+                f"{fmt(own['lc_serial_tokens'], '', 0)} serialized; at most "
+                f"{own['lc_threads_widest']['max']:.0f} sequences of the threaded runs ran in the batch at once; "
                 f"llama.cpp's own gain at {LC_THREADS} sequences, the ceiling for this figure, is "
                 f"{fmt(own['lc_kernel'])}: {LC_THREADS} one-row `llama_decode` calls per step / one "
                 f"{LC_THREADS}-row call, on the batch context, without sampling or wrapper); "
@@ -1082,7 +1083,7 @@ def run_one(name: str, reps: int) -> dict[str, Any] | None:
         raise RuntimeError(msg)
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     q, own = result["ratios"], result.get("own") or {}
-    lc = (f", threads {fmt(own.get('lc_threads'))} (widest step {own['lc_threads_widest']['max']:.0f}), "
+    lc = (f", threads {fmt(own.get('lc_threads'))} (at most {own['lc_threads_widest']['max']:.0f} in the batch), "
           f"prefix warm/cold {fmt(own.get('lc_prefix'))}") if own else ""  # fmt: skip
     print(f"[bench] {result['runtime']} ({time.perf_counter() - t0:.0f} s): decode {fmt(q.get('decode'))}, "
           f"prompt {fmt(q.get('prompt'))}, first token {fmt(q.get('ttft_ms'), ' ms', 1)}, "

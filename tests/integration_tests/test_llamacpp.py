@@ -201,7 +201,7 @@ def test_calls_from_threads_join_one_batch_and_answer_as_single_calls(gemma_exac
     batcher = gemma_exact._engine._batcher
     batcher.widest = 0
     assert _in_threads(generate, MOON) == expected  # texts, usage, finish reasons
-    assert batcher.widest > 1  # they decoded together, not one after another
+    assert batcher.widest > 1  # they ran in one batch, not one after another
     # Capped calls: the one that started alone and led the batch ends as "length" too.
     capped = [generate(p, max_tokens=5) for p in MOON[:4]]
     assert {info["finish_reason"] for _, info in capped} == {"length"}
@@ -237,6 +237,8 @@ def test_concurrent_async_calls_join_one_batch(gemma_exact):
 def test_streams_read_in_turn_decode_together_and_one_closed_early_frees_its_place(gemma_exact):
     a, b = MOON[0], MOON[1]
     want_a, want_b = gemma_exact.invoke(a), gemma_exact.invoke(b)
+    batcher = gemma_exact._engine._batcher
+    batcher.widest = 0
     first = gemma_exact.stream(a)
     second = gemma_exact.stream(b)
     got_b = []
@@ -247,19 +249,23 @@ def test_streams_read_in_turn_decode_together_and_one_closed_early_frees_its_pla
     first.close()  # the first stream's sequence ends here; the second goes on
     got_b += list(second)
     assert "".join(got_b) == want_b
+    assert batcher.widest == 2  # the second joined the first: both ran in the batch
     assert gemma_exact.invoke(a) == want_a
-    assert not gemma_exact._engine._batcher.waiting
+    assert not batcher.waiting
 
 
 def test_a_batch_and_a_call_from_another_thread_share_the_batch(gemma_exact):
     expected = [gemma_exact.invoke(p) for p in MOON]
     out = {}
     thread = threading.Thread(target=lambda: out.update(single=gemma_exact.invoke(MOON[7])))
+    batcher = gemma_exact._engine._batcher
+    batcher.widest = 0
     thread.start()
     got = gemma_exact.batch(MOON[:7])
     thread.join()
     assert got == expected[:7]
     assert out["single"] == expected[7]
+    assert batcher.widest == 8  # the call from the other thread ran in the batch too
 
 
 def test_seed_flow_callback_manager_streams_to_stdout(model_path, capsys):
@@ -480,7 +486,8 @@ QUESTIONS = [f"Q: What is {a} plus {b}? A:" for a, b in [(7, 5), (12, 30), (3, 3
 
 def test_a_shared_prefix_is_prefilled_once_and_answers_as_a_cold_call(model_path, gemma):
     # Gemma 3 has sliding-window attention: its shared prefix (~930 tokens) is longer
-    # than the window (512), and is reused all the same, in whole 256-token chunks.
+    # than the window (512), and is reused all the same: the prompts (~940 tokens) end
+    # in the same 64 tokens of their last chunk, so their cold prefills both cut there.
     cold = LlamaCpp(model_path=str(model_path("gemma-gguf")), cache_prompt=False, **GREEDY)
     prefix_tokens = len(gemma.get_token_ids(FEW_SHOT))
     assert prefix_tokens > 768
@@ -492,7 +499,7 @@ def test_a_shared_prefix_is_prefilled_once_and_answers_as_a_cold_call(model_path
         info = gen.generation_info
         assert info["cached_tokens"] >= prefix_tokens // 256 * 256
         assert evaluated == info["prompt_tokens"] - info["cached_tokens"]
-        assert evaluated < 256 + 32  # the prefix's last part chunk and the question
+        assert evaluated < 64 + 32  # the prefix after the cut at a multiple of 64, the question
         assert gen.text == cold.invoke(FEW_SHOT + q)
     # The same prompt again, and a conversation that grows by its own answer.
     first = gemma.invoke(FEW_SHOT + QUESTIONS[0])

@@ -24,8 +24,11 @@ from langchain_localllms.runtimes.llamacpp import (
 
 
 def test_chunks_are_aligned_and_cover_the_range():
-    assert prefill_chunks(0, 600, 256) == [(0, 256), (256, 512), (512, 600)]
-    assert prefill_chunks(300, 600, 256) == [(300, 512), (512, 600)]
+    assert prefill_chunks(0, 400, 256) == [(0, 256), (256, 400)]
+    # two chunks or more: the last, partial one is cut again at a multiple of 64
+    assert prefill_chunks(0, 600, 256) == [(0, 256), (256, 512), (512, 576), (576, 600)]
+    assert prefill_chunks(300, 600, 256) == [(300, 512), (512, 576), (576, 600)]
+    assert prefill_chunks(0, 576, 256) == [(0, 256), (256, 512), (512, 576)]
     assert prefill_chunks(5, 5, 256) == []
     assert prefill_chunks(0, 3, 1) == [(0, 1), (1, 2), (2, 3)]
     with pytest.raises(ValueError, match="chunk"):
@@ -34,7 +37,7 @@ def test_chunks_are_aligned_and_cover_the_range():
 
 def test_reuse_is_in_whole_chunks_before_the_first_difference():
     tokens = list(range(1100))
-    assert reusable_length(tokens, tokens, 256) == 1024
+    assert reusable_length(tokens[:1024], tokens, 256) == 1024
     assert reusable_length(tokens[:700] + [-1] * 400, tokens, 256) == 512
     assert reusable_length(tokens[:200], tokens, 256) == 0
     assert reusable_length([], tokens, 256) == 0
@@ -47,9 +50,23 @@ def test_at_least_one_token_is_left_to_evaluate():
     assert reusable_length(tokens, tokens[:256], 256) == 0
 
 
-def test_only_whole_chunks_of_a_prompt_are_kept_for_later():
-    assert canonical_length(1100, 256) == 1024
+def test_reuse_goes_to_the_cut_in_the_last_chunk_where_both_prompts_make_it():
+    few_shot = list(range(995))  # then two questions: 1,007 and 1,009 tokens
+    first, second = [*few_shot, *range(-12, 0)], [*few_shot, *range(-30, -16)]
+    cached = first[: canonical_length(len(first), 256)]
+    assert len(cached) == 960  # 768 + 3 * 64
+    assert reusable_length(cached, second, 256) == 960
+    # a prompt that ends past 1,024 evaluates 768..1023 in one piece: 768 only
+    assert reusable_length(cached, [*few_shot, *range(-40, 0)], 256) == 768
+    # one that ends at 930 cuts at 896: the piece 768..959 is not one of its own
+    assert reusable_length(cached, [*few_shot[:920], *range(-10, 0)], 256) == 768
+
+
+def test_only_whole_pieces_of_a_prompt_are_kept_for_later():
+    assert canonical_length(1100, 256) == 1088  # 1088..1099 is a piece of its own size
     assert canonical_length(1024, 256) == 1024
+    assert canonical_length(960, 256) == 960
+    assert canonical_length(400, 256) == 256  # one chunk and a part: no second cut
     assert canonical_length(100, 256) == 0
 
 
