@@ -929,6 +929,9 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
         "",
         f"Measured {time.strftime('%Y-%m-%d')} by `make bench` on {platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; {'; '.join(versions)}.",
+        *[f"The {r['runtime']} row was measured again on its own at {r['again']} "
+          "(`scripts/bench.py --only ... --update`), after a change to that runtime's class; "
+          "the others come from the run above." for r in results if "again" in r],
         f"Each cell: median (min..max, n = samples) over one run of {reps} repetitions (fewer where "
         "said below). Each sample pairs a wrapped run with its raw counterpart in the same "
         "repetition (a batch with its sequential calls, threaded calls with serialized ones, a "
@@ -1112,6 +1115,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", choices=list(ADAPTERS), help="measure one runtime in this process (prints JSON)")
     ap.add_argument("--only", nargs="+", choices=list(ADAPTERS), help="measure these; print, write no report")
+    ap.add_argument("--update", action="store_true",
+                    help="with --only: put their rows in place of the last run's, and write the report")  # fmt: skip
     ap.add_argument(
         "--llamacpp-columns", action="store_true", help="LlamaCpp's batch, threads and prefix columns"
     )
@@ -1137,9 +1142,18 @@ def main() -> int:
         saved = load_saved(out.with_suffix(".json"))
         results, reps = saved["results"], saved["reps"]
     else:
+        if args.update and not args.only:
+            ap.error("--update needs --only: the runtimes to measure again")
         results = [r for name in (args.only or ADAPTERS) if (r := run_one(name, args.reps)) is not None]
         reps = args.reps
-        if args.only:
+        if args.update:
+            saved = load_saved(out.with_suffix(".json"))
+            if saved["reps"] != reps:
+                ap.error(f"--update: the last run had {saved['reps']} repetitions; pass --reps {saved['reps']}")
+            stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            again = {r["runtime"]: {**r, "again": stamp} for r in results}
+            results = [again.pop(r["runtime"], r) for r in saved["results"]] + list(again.values())
+        elif args.only:
             return 0
         saved = {"format": REPORT_FORMAT, "results": results, "reps": reps}
         out.with_suffix(".json").write_text(json.dumps(saved, indent=1) + "\n")
