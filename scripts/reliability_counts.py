@@ -189,7 +189,8 @@ ROWS: list[tuple[str, str, str]] = [
 def collect() -> list[str]:
     """Node ids of the suite, collected as ``make test`` runs it."""
     runs = [
-        (ROOT / ".venv" / "bin" / "python", ["tests", "--ignore=tests/integration_tests/test_openvino.py"]),
+        (ROOT / ".venv" / "bin" / "python",
+         ["tests", "--ignore=tests/integration_tests/test_openvino.py"]),
         (ROOT / ".venv-openvino" / "bin" / "python", ["tests/integration_tests/test_openvino.py"]),
     ]  # fmt: skip
     ids: list[str] = []

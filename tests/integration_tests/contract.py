@@ -173,12 +173,14 @@ class LLMContract:
         assert len(rec.tokens) > 1
         assert "".join(rec.tokens) == text
         assert all(
-            isinstance(c, GenerationChunk) and c.text == t for c, t in zip(rec.chunks, rec.tokens)
+            isinstance(c, GenerationChunk) and c.text == t
+            for c, t in zip(rec.chunks, rec.tokens, strict=True)
         )
         rec2 = Recorder()
         streamed = "".join(llm.stream(PROMPT, config={"callbacks": [rec2]}))
         assert "".join(rec2.tokens) == streamed
-        assert rec2.starts == 1 and len(rec2.ends) == 1
+        assert rec2.starts == 1
+        assert len(rec2.ends) == 1
 
     def test_usage_and_timings(self, llm: BaseLLM) -> None:
         gen = llm.generate([PROMPT]).generations[0][0]
@@ -233,7 +235,8 @@ class LLMContract:
         finally:
             task.cancel()
         assert out == llm.invoke(PROMPT)
-        assert "".join(chunks) == out and len([c for c in chunks if c]) > 1
+        assert "".join(chunks) == out
+        assert len([c for c in chunks if c]) > 1
         if self.batch_matches_single:
             assert outs == [llm.invoke(p) for p in self.prompts[:2]]
         assert ticks > 3, "the event loop was blocked while the model generated"
@@ -244,7 +247,8 @@ class LLMContract:
         try:
             short = llm.invoke(self.prompts[0], **{self.max_tokens_option: 2})
             longer = llm.invoke(self.prompts[0], **{self.max_tokens_option: 6})
-            assert short != longer and longer.startswith(short)
+            assert short != longer
+            assert longer.startswith(short)
             assert llm.invoke(self.prompts[0], **{self.max_tokens_option: 2}) == short
         finally:
             set_llm_cache(None)

@@ -96,7 +96,8 @@ def test_a_forced_call_starts_written_and_is_validated(gemma_chat):
     assert "grammar" not in turn.options  # nothing to constrain with
     message = gemma_chat.bind_tools([add], tool_choice="add").invoke("What is 2 plus 40?")
     (call,) = message.tool_calls
-    assert call["name"] == "add" and set(call["args"]) == {"a", "b"}
+    assert call["name"] == "add"
+    assert set(call["args"]) == {"a", "b"}
     assert all(isinstance(v, int) for v in call["args"].values())
 
 
@@ -132,7 +133,7 @@ def test_of_several_tools_the_model_scores_which_to_call(gemma_chat):
 
 def test_an_invalid_call_is_an_error_that_says_what_is_wrong(gemma_chat):
     # One token is not enough for a call: the answer cannot be valid, and says so.
-    with pytest.raises(ToolCallError, match="raise max_tokens|not valid JSON"):
+    with pytest.raises(ToolCallError, match=r"raise max_tokens|not valid JSON"):
         gemma_chat.bind_tools([add], tool_choice="any").invoke("2 plus 40?", max_length=1)
 
 

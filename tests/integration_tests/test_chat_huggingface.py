@@ -228,9 +228,11 @@ def test_tokenizer_gives_another_models_template(tiny_llm):
 
 def test_settings_beside_llm_apply_to_a_copy_that_shares_the_model(tiny_llm):
     chat = ChatHuggingFace(llm=tiny_llm, max_tokens=2, stop=["\n"])
-    assert chat.llm is not tiny_llm and chat.llm.model is tiny_llm.model
+    assert chat.llm is not tiny_llm
+    assert chat.llm.model is tiny_llm.model
     assert (chat.max_new_tokens, chat.llm.stop) == (2, ["\n"])
-    assert tiny_llm.max_new_tokens is None and tiny_llm.stop is None  # yours is unchanged
+    assert tiny_llm.max_new_tokens is None
+    assert tiny_llm.stop is None  # yours is unchanged
     assert chat.invoke("Hi").usage_metadata["output_tokens"] <= 2
     assert chat._get_ls_params()["ls_max_tokens"] == 2
     with pytest.raises(ValueError, match="greater than or equal to 1"):
@@ -245,7 +247,7 @@ def test_model_id_and_llm_must_name_one_model(tiny_llm):
     assert ChatHuggingFace(llm=tiny_llm, model_id=tiny_llm.model_id).model_id == tiny_llm.model_id
     with pytest.raises(ValueError, match="is not the llm's model"):
         ChatHuggingFace(llm=tiny_llm, model_id="google/gemma-3-270m")
-    with pytest.raises(TypeError, match="must be a langchain_localllms.HuggingFacePipeline"):
+    with pytest.raises(TypeError, match=r"must be a langchain_localllms\.HuggingFacePipeline"):
         ChatHuggingFace(llm=object())
 
 
@@ -261,7 +263,8 @@ def test_streaming_true_sends_tokens_to_callbacks_during_invoke(tiny_llm):
     ChatHuggingFace(llm=tiny_llm, callbacks=[quiet]).invoke("Hi")
     reply = ChatHuggingFace(llm=tiny_llm, streaming=True, callbacks=[loud]).invoke("Hi")
     assert not quiet.tokens
-    assert "".join(loud.tokens) == reply.content and len(loud.tokens) > 1
+    assert "".join(loud.tokens) == reply.content
+    assert len(loud.tokens) > 1
 
 
 def test_from_model_id_keeps_chat_arguments_with_the_chat_model():
@@ -269,5 +272,6 @@ def test_from_model_id_keeps_chat_arguments_with_the_chat_model():
     chat = ChatHuggingFace.from_model_id(
         str(modelkit.prepare("tiny-chat-hf")), chat_template=own, max_tokens=3
     )
-    assert chat.chat_template == own and chat.max_new_tokens == 3
+    assert chat.chat_template == own
+    assert chat.max_new_tokens == 3
     assert chat._turn([HumanMessage("Hi")], {}).prompt == "Hi\n"

@@ -125,9 +125,9 @@ def test_the_template_of_the_file_is_used_and_can_be_replaced():
     path = str(modelkit.prepare("tiny-chat-gguf"))
     with ChatLlamaCpp(model_path=path, n_ctx=1024, max_tokens=4, temperature=0) as chat:
         prompt = chat._turn([SystemMessage("S"), HumanMessage("Hi")], {}).prompt
-        assert (
-            prompt
-            == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        assert prompt == (
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n"
         )
     own = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
     with ChatLlamaCpp(model_path=path, n_ctx=1024, max_tokens=4, chat_template=own) as chat:
@@ -201,7 +201,8 @@ def test_a_forced_call_in_hermes_syntax_always_validates(hermes_chat):
     for question in ("2 plus 40?", "Hi", "Add 7 and 8."):
         message = hermes_chat.bind_tools([add], tool_choice="any").invoke(question, max_tokens=96)
         (call,) = message.tool_calls
-        assert call["name"] == "add" and message.content == ""
+        assert call["name"] == "add"
+        assert message.content == ""
         assert all(isinstance(call["args"][k], int) for k in ("a", "b"))
 
 

@@ -132,7 +132,8 @@ def test_a_gguf_without_template_gets_its_familys_format_not_the_servers_chatml(
     assert prompt.startswith("<start_of_turn>user\nBe brief.\n\nWeather in Rome?<end_of_turn>\n")
     assert '<start_of_turn>model\n{"name": "get_weather", "arguments": {"city": "Rome"}}' in prompt
     assert "<start_of_turn>user\nResult of get_weather: sunny<end_of_turn>" in prompt
-    assert prompt.endswith("<start_of_turn>model\n") and "<|im_start|>" not in prompt
+    assert prompt.endswith("<start_of_turn>model\n")
+    assert "<|im_start|>" not in prompt
     reply = gemma_chat.invoke(turns, n_predict=4)
     # The server adds <bos> itself: the prompt's tokens and that one.
     assert reply.usage_metadata["input_tokens"] == len(gemma_chat.get_token_ids(prompt)) + 1
@@ -147,7 +148,8 @@ def test_the_servers_template_is_asked_once_per_instance():
     chat.invoke("Hi")
     chat.invoke([SystemMessage("S"), HumanMessage("Hi")])
     list(chat.stream("Hi"))
-    assert paths.count("/props") == 1 and paths.count("/completion") == 3
+    assert paths.count("/props") == 1
+    assert paths.count("/completion") == 3
 
 
 def test_what_the_server_reports_picks_the_template():
@@ -183,7 +185,7 @@ def test_standard_names_are_llamafiles_settings():
         ChatLlamafile(base_url=NO_SERVER, max_tokens=3, n_predict=4)
     with pytest.raises(ValueError, match="give n_predict= to the Llamafile"):
         ChatLlamafile(llm=Llamafile(base_url=NO_SERVER), max_tokens=3)
-    with pytest.raises(TypeError, match="must be a langchain_localllms.Llamafile"):
+    with pytest.raises(TypeError, match=r"must be a langchain_localllms\.Llamafile"):
         ChatLlamafile(llm=object())
 
 

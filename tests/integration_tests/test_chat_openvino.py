@@ -89,7 +89,8 @@ def test_a_forced_call_and_structured_output_always_validate():
 
     chat = ChatHuggingFace(llm=gemma_ov(), max_tokens=64)
     (call,) = chat.bind_tools([get_weather], tool_choice="any").invoke("Tell me a joke.").tool_calls
-    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+    assert call["name"] == "get_weather"
+    assert isinstance(call["args"]["city"], str)
     assert isinstance(chat.with_structured_output(Person).invoke("Anna is 31."), Person)
 
 

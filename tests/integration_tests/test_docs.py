@@ -36,7 +36,7 @@ def test_page_runs(page: Path) -> None:
     for block in BLOCK.finditer(text):
         line = text.count("\n", 0, block.start()) + 2
         code = compile(block.group(1), f"{page}:{line}", "exec")
-        exec(code, namespace)  # noqa: S102 - our own documentation
+        exec(code, namespace)  # our own documentation
 
 
 @pytest.mark.skipif(ENV != "main", reason="counted once, from the main environment")

@@ -45,11 +45,12 @@ def test_gemma3_is_refused_with_the_reason(model_path):
     path = str(model_path("gemma-gguf"))
     with pytest.raises(ValueError, match="Unsupported model architecture: gemma3") as e:
         GPT4All(model=path)
-    assert path in str(e.value) and "LlamaCpp" in str(e.value)
+    assert path in str(e.value)
+    assert "LlamaCpp" in str(e.value)
 
 
 def test_missing_file_and_community_parameters(tmp_path, model_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.gguf"):
         GPT4All(model=str(tmp_path / "missing.gguf"))
     path = str(model_path("tiny-gguf"))
     monkeypatch.setattr(base, "_WARNED", set())
@@ -61,7 +62,7 @@ def test_missing_file_and_community_parameters(tmp_path, model_path, monkeypatch
     for name in ("vocab_only", "embedding"):
         with pytest.raises(ValueError, match=f"does not take {name}=True"):
             GPT4All(model=path, **{name: True})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="allow_download"):
         GPT4All(model=str(model_path("tiny-gguf")), allow_download=True)
 
 
@@ -118,5 +119,6 @@ def test_echo_and_streaming_false_work(model_path):
     quiet = GPT4All(model=path, temp=0, max_tokens=6, n_ctx=256, streaming=False)
     rec = Recorder()
     assert quiet.invoke(p, config={"callbacks": [rec]}) == answer
-    assert rec.tokens == [] and len(rec.ends) == 1  # the answer arrives at its end only
+    assert rec.tokens == []
+    assert len(rec.ends) == 1  # the answer arrives at its end only
     assert "".join(quiet.stream(p)) == answer  # stream() always streams

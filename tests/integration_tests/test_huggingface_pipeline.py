@@ -551,6 +551,8 @@ def test_a_token_in_model_kwargs_reaches_no_repr_trace_or_cache_key(model_path):
     cache = InMemoryCache()
     llm.cache = cache
     llm.invoke(TINY_PROMPTS[0], config={"callbacks": [Spy()]})
-    assert seen and cache._cache  # a run was traced and an answer cached
+    # a run was traced and an answer cached
+    assert seen
+    assert cache._cache
     for text in (repr(llm), str(llm), *seen, repr(list(cache._cache))):
         assert secret not in text

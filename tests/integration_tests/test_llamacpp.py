@@ -108,7 +108,9 @@ def test_list_grammar_from_file_gives_a_list_of_strings(model_path, tmp_path):
         **{**GREEDY, "max_tokens": 256},
     )
     value = json.loads(llm.invoke("List of top-3 my favourite books:"))
-    assert isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
+    assert isinstance(value, list)
+    assert value
+    assert all(isinstance(v, str) and v for v in value)
 
 
 def test_grammar_streams(gemma):
@@ -123,7 +125,7 @@ def test_bad_grammar_is_a_value_error_before_native_code(model_path):
 
 
 def test_missing_and_wrong_model_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.gguf"):
         LlamaCpp(model_path=str(tmp_path / "nowhere.gguf"))
     with pytest.raises(IsADirectoryError, match="directory"):
         LlamaCpp(model_path=str(tmp_path))
@@ -144,7 +146,8 @@ def test_truncated_gguf_is_an_error_not_a_crash(model_path, tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "ERR llama.cpp could not load" in proc.stdout and str(cut) in proc.stdout
+    assert "ERR llama.cpp could not load" in proc.stdout
+    assert str(cut) in proc.stdout
 
 
 def test_prompt_longer_than_context(model_path):
@@ -281,7 +284,8 @@ def test_seed_flow_callback_manager_streams_to_stdout(model_path, capsys):
         verbose=False,
     )
     out = llm.invoke("Question: A rap battle between Stephen Colbert and John Oliver")
-    assert out and out in capsys.readouterr().out
+    assert out
+    assert out in capsys.readouterr().out
 
 
 def test_repeated_prompt_decodes_the_same_on_a_sliding_window_model(gemma):
@@ -315,7 +319,8 @@ def test_community_parameters_are_taken_and_model_kwargs_cannot_disagree(model_p
         LlamaCpp(model_path=path, vocab_only=True)
     # a field given in model_kwargs is that field: the cache key says what runs
     llm = LlamaCpp(model_path=path, model_kwargs={"n_ctx": 512})
-    assert llm.n_ctx == 512 == llm.client.n_ctx() and llm.model_kwargs == {}
+    assert llm.n_ctx == 512 == llm.client.n_ctx()
+    assert llm.model_kwargs == {}
     with pytest.raises(ValueError, match="n_ctx is given twice"):
         LlamaCpp(model_path=path, n_ctx=256, model_kwargs={"n_ctx": 512})
     flash = LlamaCpp(model_path=path, n_ctx=256, model_kwargs={"flash_attn": True})
@@ -327,7 +332,8 @@ def test_streaming_false_sends_the_answer_at_its_end(model_path):
     llm = LlamaCpp(model_path=str(model_path("tiny-gguf")), n_ctx=256, streaming=False, **GREEDY)
     rec = Recorder()
     answer = llm.invoke(PROMPT, config={"callbacks": [rec]})
-    assert rec.tokens == [] and len(rec.ends) == 1
+    assert rec.tokens == []
+    assert len(rec.ends) == 1
     assert "".join(llm.stream(PROMPT)) == answer
 
 
@@ -356,7 +362,8 @@ def test_n_ctx_auto_takes_the_trained_context_and_fits_a_long_prompt(model_path)
     small = LlamaCpp(model_path=path, max_tokens=4, temperature=0)
     with pytest.raises(ContextOverflowError, match="n_ctx") as overflow:
         small.invoke(LONG)
-    assert overflow.value.context == 2048 and overflow.value.prompt_tokens > 2048
+    assert overflow.value.context == 2048
+    assert overflow.value.prompt_tokens > 2048
     small.close()
     with LlamaCpp(model_path=path, n_ctx="auto", max_tokens=4, temperature=0) as auto:
         assert auto.model_info().context_length == 32_768  # gemma3.context_length
@@ -370,7 +377,8 @@ def test_n_ctx_auto_is_capped_by_the_memory_available(model_path, monkeypatch):
     monkeypatch.setattr(runtime, "_available_memory", lambda: 200 * 2**20)
     n_ctx, why = runtime.auto_context(Path(model_path("gemma-gguf")), kv_bytes=2)
     assert n_ctx == (100 * 2**20 // (18 * 1024)) // 256 * 256  # half of it, in steps of 256
-    assert "32768" in why and "200 MB" in why
+    assert "32768" in why
+    assert "200 MB" in why
     with LlamaCpp(model_path=str(model_path("gemma-gguf")), n_ctx="auto", max_tokens=2) as llm:
         assert llm.model_info().context_length == n_ctx
 
@@ -379,7 +387,7 @@ def test_n_ctx_auto_needs_the_trained_context_in_the_file(model_path, monkeypatc
     from langchain_localllms.runtimes import llamacpp as runtime
 
     monkeypatch.setattr(runtime, "gguf_metadata", lambda path: {"general.architecture": "x"})
-    with pytest.raises(ValueError, match="x.context_length; give n_ctx as a number"):
+    with pytest.raises(ValueError, match=r"x\.context_length; give n_ctx as a number"):
         LlamaCpp(model_path=str(model_path("gemma-gguf")), n_ctx="auto")
 
 

@@ -39,20 +39,21 @@ def test_template_from_the_model_file_is_used_with_one_bos(tiny_chat):
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
     tokens = tiny_chat.client.tokenize(text.encode(), add_bos=True, special=True)
     bos = tiny_chat.client.token_bos()
-    assert (
-        tokens[0] == bos and bos not in tokens[1:]
-    )  # the template's {{ bos_token }} was not doubled
+    assert tokens[0] == bos
+    assert bos not in tokens[1:]  # the template's {{ bos_token }} was not doubled
     assert isinstance((prompt | tiny_chat).invoke({"question": "Hi"}), str)
 
 
 def test_model_without_template_gets_its_family_format(gemma):
-    assert not has_chat_template(gemma) and is_family("gemma")(gemma)
+    assert not has_chat_template(gemma)
+    assert is_family("gemma")(gemma)
     prompt = ModelPromptSelector(DEFAULT).get_prompt(gemma)
     assert prompt.format(question="Why?").startswith("<start_of_turn>user\nQuestion: Why?")
     answer = (prompt | gemma.bind(stop=["<end_of_turn>"])).invoke(
         {"question": "What is the capital of France?"}
     )
-    assert isinstance(answer, str) and "<end_of_turn>" not in answer
+    assert isinstance(answer, str)
+    assert "<end_of_turn>" not in answer
 
 
 def test_seed_flow_conditional_prompt_selector_and_llmchain(gemma):
@@ -84,9 +85,13 @@ def test_servers_report_their_models():
 
     served = Llamafile(base_url=llama_server().url, temperature=0, n_predict=8)
     info = served.model_info()
-    assert info.model.endswith(".gguf") and info.chat_template and info.bos_token == "<bos>"
+    assert info.model.endswith(".gguf")
+    assert info.chat_template
+    assert info.bos_token == "<bos>"
     prompt = chat_prompt(served, "{question}")
-    assert "{question}" in prompt.template and "<bos>" not in prompt.template
+    assert "{question}" in prompt.template
+    assert "<bos>" not in prompt.template
     assert isinstance((prompt | served).invoke({"question": "Hi"}), str)
     ollama = Ollama(model="gemma3:270m", base_url=ollama_server().url)
-    assert is_family("gemma")(ollama) and not has_chat_template(ollama)
+    assert is_family("gemma")(ollama)
+    assert not has_chat_template(ollama)

@@ -314,7 +314,8 @@ NATIVE = {
         p = modelkit.CACHE / "reliability" / "cut.gguf"; p.write_bytes(src)
         LlamaCpp(model_path=str(p))""",
     "gguf-header-then-garbage": """
-        p = modelkit.CACHE / "reliability" / "hdr.gguf"; p.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+        p = modelkit.CACHE / "reliability" / "hdr.gguf"; """  # one line, cut in two here
+    """p.write_bytes(b"GGUF" + bytes(range(256)) * 64)
         LlamaCpp(model_path=str(p))""",
     "gpt4all-truncated-gguf": """
         src = open(modelkit.path("tiny-gguf"), "rb").read(100_000)
@@ -330,7 +331,10 @@ NATIVE = {
 def test_native_failure_is_an_exception_not_a_crash(name: str) -> None:
     code = "import sys, modelkit\nfrom langchain_localllms import LlamaCpp, GPT4All\ntry:\n"
     code += textwrap.indent(textwrap.dedent(NATIVE[name]).strip(), "    ")
-    code += "\nexcept Exception as e:\n    print('RAISED', type(e).__name__, str(e)[:300])\nelse:\n    print('RAN')\n"
+    code += (
+        "\nexcept Exception as e:\n    print('RAISED', type(e).__name__, str(e)[:300])\n"
+        "else:\n    print('RAN')\n"
+    )
     root = Path(__file__).resolve().parents[2]
     (Path(modelkit.CACHE) / "reliability").mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(

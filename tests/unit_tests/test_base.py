@@ -3,8 +3,8 @@
 import asyncio
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler, CallbackManager
 from langchain_core.caches import InMemoryCache
+from langchain_core.callbacks import BaseCallbackHandler, CallbackManager
 from langchain_core.outputs import GenerationChunk
 from langchain_core.prompts import PromptTemplate
 
@@ -30,7 +30,10 @@ def test_invoke_stream_and_callbacks_agree():
     llm = scripted(callbacks=[rec])
     assert llm.invoke("hi there") == "Hello, world!"
     assert "".join(rec.tokens) == "Hello, world!"
-    assert all(isinstance(c, GenerationChunk) and c.text == t for c, t in zip(rec.chunks, rec.tokens))
+    assert all(
+        isinstance(c, GenerationChunk) and c.text == t
+        for c, t in zip(rec.chunks, rec.tokens, strict=True)
+    )
     assert list(scripted().stream("hi")) == ["Hello", ",", " wor", "ld", "!", ""]
 
 
@@ -38,8 +41,12 @@ def test_usage_and_finish_reason():
     result = scripted().generate(["one two", "three"])
     infos = [g[0].generation_info for g in result.generations]
     assert [i["prompt_tokens"] for i in infos] == [2, 1]
-    assert all(i["completion_tokens"] == 5 and i["total_tokens"] == i["prompt_tokens"] + 5 for i in infos)
-    assert result.llm_output["token_usage"] == {"prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13}
+    assert all(
+        i["completion_tokens"] == 5 and i["total_tokens"] == i["prompt_tokens"] + 5 for i in infos
+    )
+    assert result.llm_output["token_usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13
+    }
     assert infos[0]["finish_reason"] == "stop"
     assert infos[0]["timings"]["completion_ms"] >= 0
     short = scripted().generate(["x"], max_tokens=2).generations[0][0]
@@ -66,7 +73,7 @@ def test_stop_in_two_places_is_an_error_and_bad_stop_is_typed():
 
 
 def test_unknown_and_invalid_call_options_are_refused():
-    with pytest.raises(TypeError, match="unknown option.*max_lenght.*max_tokens"):
+    with pytest.raises(TypeError, match=r"unknown option.*max_lenght.*max_tokens"):
         scripted().invoke("x", max_lenght=3)
     with pytest.raises(Exception, match="max_tokens"):
         scripted().invoke("x", max_tokens="many")

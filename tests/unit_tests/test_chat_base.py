@@ -10,8 +10,8 @@ import asyncio
 from typing import Any, ClassVar
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.caches import InMemoryCache
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel
@@ -109,7 +109,8 @@ def test_reasoning_false_turns_thinking_off_in_the_prompt():
     assert off == on + "(no thinking)"
     # A template that always thinks: the thought is closed before it starts.
     closed = Chat(chat_template=ALWAYS, reasoning=False)._turn([HumanMessage("Hi")], {})
-    assert closed.prompt.endswith("[assistant] <think>\n\n</think>\n\n") and not closed.thinking
+    assert closed.prompt.endswith("[assistant] <think>\n\n</think>\n\n")
+    assert not closed.thinking
     tagless = Chat(chat_template=PLAIN + "{# <think> #}", reasoning=False)._turn(
         [HumanMessage("Hi")], {}
     )
@@ -130,7 +131,8 @@ def test_a_forced_call_is_started_in_the_prompt_and_ends_with_its_json():
     message = chat.bind_tools([add], tool_choice="any").invoke("2+40?")
     assert message.tool_calls[0]["args"] == {"a": 2, "b": 40}
     assert message.usage_metadata["output_tokens"] == 3  # decoding stopped at the end of the call
-    assert Scripted.produced[-1] == "}}" and Scripted.streams_closed
+    assert Scripted.produced[-1] == "}}"
+    assert Scripted.streams_closed
 
 
 def test_structured_output_without_a_grammar_asks_and_parses():
@@ -140,7 +142,8 @@ def test_structured_output_without_a_grammar_asks_and_parses():
     prompt = chat._turn(
         [HumanMessage("x")], {"response_format": {"schema": Person.model_json_schema()}}
     ).prompt
-    assert "- name (string)\n- age (integer)" in prompt and prompt.endswith('{"name": "')
+    assert "- name (string)\n- age (integer)" in prompt
+    assert prompt.endswith('{"name": "')
 
 
 def test_once_every_field_is_written_the_answer_ends_before_a_field_of_its_own():
@@ -179,7 +182,8 @@ def test_with_a_grammar_the_schema_constrains_decoding():
     turn = chat._turn(
         [HumanMessage("x")], {"response_format": {"schema": Person.model_json_schema()}}
     )
-    assert turn.options["grammar"].gbnf and turn.prefix == ""
+    assert turn.options["grammar"].gbnf
+    assert turn.prefix == ""
 
 
 # -------------------------------------------------------------------- batches

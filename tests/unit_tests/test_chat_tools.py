@@ -104,7 +104,8 @@ def test_the_grammars_are_gbnf_that_allow_a_call_or_text():
 def test_a_template_with_hermes_tags_gets_calls_between_them():
     template = "{% for t in tools %}{{ t }}{% endfor %} <tool_call></tool_call>"
     syntax = CallSyntax.of(template)
-    assert syntax is HERMES and CallSyntax.of("{{ messages }}") is PLAIN
+    assert syntax is HERMES
+    assert CallSyntax.of("{{ messages }}") is PLAIN
     forced = call_grammar(SPECS[1:], forced=True, syntax=syntax)
     assert forced.gbnf.startswith('root ::= "<tool_call>\\n" json-call "\\n</tool_call>"')
     text = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 40}}\n</tool_call>'

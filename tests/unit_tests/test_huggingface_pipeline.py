@@ -118,7 +118,9 @@ def test_what_a_ready_made_pipeline_was_built_with():
     v4 = SimpleNamespace(_forward_params={"max_new_tokens": 5, "prefix_length": 0})
     assert hf_options.pipeline_layer(v4).generate == {"max_new_tokens": 5}
     assert hf_options.pipeline_defaults(SimpleNamespace()) == {"max_new_tokens": 256}
-    defaults = hf_options.pipeline_defaults(SimpleNamespace(_generation_defaults={"pad_token_id": 0}))
+    defaults = hf_options.pipeline_defaults(
+        SimpleNamespace(_generation_defaults={"pad_token_id": 0})
+    )
     assert "pad_token_id" not in defaults
 
 

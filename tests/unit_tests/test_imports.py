@@ -16,7 +16,9 @@ def test_missing_runtime_names_the_extra(monkeypatch):
         return real(name, *args)
 
     monkeypatch.setattr(_imports.importlib, "import_module", fake)
-    with pytest.raises(ImportError, match=r'GPT4All needs .*pip install "langchain-localllms\[gpt4all\]"') as e:
+    with pytest.raises(
+        ImportError, match=r'GPT4All needs .*pip install "langchain-localllms\[gpt4all\]"'
+    ) as e:
         _imports.require("gpt4all", feature="GPT4All")
     assert isinstance(e.value.__cause__, ImportError)
 

@@ -98,7 +98,9 @@ def test_every_model_of_a_runtime_runs_on_one_thread_whatever_the_caller():
     )
     t.start()
     t.join(20)
-    assert len(seen) == 3 and len(set(seen)) == 1 and seen[0] != threading.get_ident()
+    assert len(seen) == 3
+    assert len(set(seen)) == 1
+    assert seen[0] != threading.get_ident()
 
 
 def test_run_from_the_runtime_thread_itself_does_not_wait_for_itself():
@@ -174,12 +176,15 @@ def test_close_reaches_the_engine_once_and_copies_and_cache_hits_refuse():
         pass
     llm.close()
     assert llm._engine.closes == [1]
-    assert llm.closed and twin.closed and deep.closed
+    assert llm.closed
+    assert twin.closed
+    assert deep.closed
     for use in (lambda: llm.invoke("x"), lambda: twin.batch(["x"]), lambda: list(deep.stream("x"))):
         with pytest.raises(ClosedError, match="this Owned was closed"):
             use()  # "x" is in the cache: a closed instance refuses even a cache hit
     rebuilt = pickle.loads(pickle.dumps(llm))  # settings only: a new load, open
-    assert not rebuilt.closed and rebuilt.invoke("y") == "a"
+    assert not rebuilt.closed
+    assert rebuilt.invoke("y") == "a"
 
 
 # ------------------------------------------------------------------ copies
@@ -195,9 +200,11 @@ class HoldsAModel(ScriptedLLM):
 def test_copies_share_private_state_and_pickle_rebuilds():
     llm = HoldsAModel(pieces=["a", "b"], max_tokens=5, pipeline=threading.Lock())
     deep = copy.deepcopy(llm)
-    assert deep._model is llm._model and deep is not llm
+    assert deep._model is llm._model
+    assert deep is not llm
     assert deep.pipeline is llm.pipeline
-    assert deep.pieces == llm.pieces and deep.pieces is not llm.pieces  # plain data is copied
+    assert deep.pieces == llm.pieces
+    assert deep.pieces is not llm.pieces  # plain data is copied
     llm = ScriptedLLM(pieces=["a", "b"], max_tokens=5)
     restored = pickle.loads(pickle.dumps(llm))
     assert restored.invoke("x") == llm.invoke("x") == "ab"
@@ -213,7 +220,8 @@ def test_copy_that_changes_a_load_setting_is_built_anew(monkeypatch):
     llm.model_copy(update={"max_tokens": 3})  # a per-call field: shared
     assert built == [1]
     again = llm.model_copy(update={"pieces": ["z"]})  # read when loading: built anew
-    assert built == [1, 1] and again.invoke("x") == "z"
+    assert built == [1, 1]
+    assert again.invoke("x") == "z"
 
 
 # ---------------------------------------------------------------- AMX guard
@@ -241,7 +249,8 @@ def test_amx_build_on_amx_cpu_warns_once_with_the_rebuild_command(
     messages = [str(w.message) for w in seen]
     if warns:
         assert len(messages) == 1
-        assert "-mno-amx-int8" in messages[0] and "--no-cache-dir" in messages[0]
+        assert "-mno-amx-int8" in messages[0]
+        assert "--no-cache-dir" in messages[0]
         assert "#20824" in messages[0]
     else:
         assert messages == []
@@ -263,7 +272,9 @@ def test_a_build_that_crashes_fails_the_step_naming_cause_and_fix(tmp_path, monk
         with pytest.raises(SystemExit) as e:
             native.smoke_library(str(crash))
         text = str(e.value.code)
-        assert "SIGSEGV" in text and "SMOKE CHECK FAILED" in text and fix in text
+        assert "SIGSEGV" in text
+        assert "SMOKE CHECK FAILED" in text
+        assert fix in text
 
 
 def test_builds_differ_by_cpu_and_flags(monkeypatch):
@@ -305,7 +316,8 @@ def test_build_once_is_atomic_and_reused(tmp_path):
 
     assert build_once(target, build, ready=ready) == target
     assert build_once(target, build, ready=ready) == target
-    assert len(calls) == 1 and ready(target)
+    assert len(calls) == 1
+    assert ready(target)
 
     def broken(tmp):
         (tmp / "half").write_text("x")

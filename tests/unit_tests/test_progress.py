@@ -50,7 +50,8 @@ def test_byte_bars_and_messages_follow_the_same_rule(stream, monkeypatch, caplog
     progress("using the cached conversion")
     shown = err.getvalue()
     if stream is Terminal:
-        assert "pulling sha256:abc" in shown and "3.00M/3.00M" in shown
+        assert "pulling sha256:abc" in shown
+        assert "3.00M/3.00M" in shown
         assert "using the cached conversion" in shown
     else:
         assert shown == ""

@@ -19,7 +19,8 @@ from langchain_localllms.prompts import (
 )
 
 CHATML = (
-    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -66,14 +67,16 @@ def test_chat_prompt_keeps_variables_and_escapes_braces():
     assert sorted(prompt.input_variables) == ["question", "tone"]
     text = prompt.format(question="2+2?", tone="brief")
     assert text == (
-        '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAnswer in JSON like {"a": 1}: 2+2?'
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        '<|im_start|>user\nAnswer in JSON like {"a": 1}: 2+2?'
         "<|im_end|>\n<|im_start|>assistant\n"
     )  # and no "<s>": the runtime adds BOS itself
 
 
 def test_system_is_folded_into_the_user_turn_when_refused():
     template = (
-        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
         "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
     )
     prompt = chat_prompt(Fake(chat_template=template), "{question}", system="Sys")
@@ -82,7 +85,9 @@ def test_system_is_folded_into_the_user_turn_when_refused():
 
 def test_family_formats_when_the_model_has_no_template():
     gemma = Fake(architecture="gemma3")
-    assert chat_prompt(gemma, "{q}").format(q="hi") == "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    assert chat_prompt(gemma, "{q}").format(q="hi") == (
+        "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    )
     llama2 = chat_prompt(Fake(architecture="llama"), "{q}", system="S", template=FORMATS["llama-2"])
     assert llama2.format(q="hi") == "[INST] <<SYS>>\nS\n<</SYS>>\n\nhi [/INST]"
     with pytest.raises(ValueError, match="no chat template"):
@@ -91,10 +96,14 @@ def test_family_formats_when_the_model_has_no_template():
 
 def test_predicates():
     llm = Fake(architecture="gemma3", chat_template=None)
-    assert is_runtime("llamacpp", "ollama")(llm) and not is_runtime("ctranslate2")(llm)
-    assert is_family("gemma")(llm) and not is_family("llama")(llm)
-    assert not has_chat_template(llm) and has_chat_template(Fake(chat_template=CHATML))
-    assert not is_family("gemma")(object()) and not has_chat_template(object())
+    assert is_runtime("llamacpp", "ollama")(llm)
+    assert not is_runtime("ctranslate2")(llm)
+    assert is_family("gemma")(llm)
+    assert not is_family("llama")(llm)
+    assert not has_chat_template(llm)
+    assert has_chat_template(Fake(chat_template=CHATML))
+    assert not is_family("gemma")(object())
+    assert not has_chat_template(object())
 
 
 def test_selector_order():
@@ -105,16 +114,26 @@ def test_selector_order():
     chatty = sel.get_prompt(Fake(architecture="qwen9", chat_template=CHATML))
     assert chatty.format(question="x").startswith("<|im_start|>user\nQ: x")
     assert sel.get_prompt(Fake(architecture="mystery")) is default
-    assert ModelPromptSelector(default, use_chat_format=False).get_prompt(Fake(chat_template=CHATML)) is default
+    assert (
+        ModelPromptSelector(default, use_chat_format=False).get_prompt(Fake(chat_template=CHATML))
+        is default
+    )
 
 
 @pytest.mark.parametrize(
     ("template", "why"),
     [
         # nested loops that write nothing: bounded in time
-        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "longer than",
+        ),
         # a loop that writes a lot: bounded in size
-        ("{% for i in range(100000) %}{% for j in range(100) %}xxxxxxxxxx{% endfor %}{% endfor %}", "more than"),
+        (
+            "{% for i in range(100000) %}{% for j in range(100) %}xxxxxxxxxx{% endfor %}"
+            "{% endfor %}",
+            "more than",
+        ),
         # one huge value: refused before it is made
         ("{{ 'x' * 1000000000 }}", "repeats a value"),
         ("{{ 7 ** 100000000 }}", "power"),

@@ -86,8 +86,11 @@ def test_one_bad_prompt_fails_only_itself(cls, config):
     runs = Runs()
     out = llm.batch(["a", "b TOO LONG", "c", "d"], config={**config, "callbacks": [runs]},
                     return_exceptions=True)  # fmt: skip
-    assert out[0] == "A1A2" and out[2] == "C1" and out[3] == "D1D2"
-    assert isinstance(out[1], ValueError) and "does not fit" in str(out[1])
+    assert out[0] == "A1A2"
+    assert out[2] == "C1"
+    assert out[3] == "D1D2"
+    assert isinstance(out[1], ValueError)
+    assert "does not fit" in str(out[1])
     # the bad prompt's run failed; the good ones ended with their own answers
     assert [runs.prompt[r] for r in runs.failed] == ["b TOO LONG"]
     assert sorted(runs.ended.values()) == ["A1A2", "C1", "D1D2"]
@@ -98,14 +101,17 @@ def test_one_bad_prompt_fails_only_itself_async(cls):
     llm = cls(answers=ANSWERS, refuse="TOO LONG", max_concurrency=2)
     out = asyncio.run(llm.abatch(["a", "b TOO LONG", "c"], config={"max_concurrency": 2},
                                  return_exceptions=True))  # fmt: skip
-    assert out[0] == "A1A2" and out[2] == "C1" and isinstance(out[1], ValueError)
+    assert out[0] == "A1A2"
+    assert out[2] == "C1"
+    assert isinstance(out[1], ValueError)
 
 
 def test_native_batching_still_batches_the_good_prompts():
     BatchingLLM.batches.clear()
     llm = BatchingLLM(answers=ANSWERS, refuse="TOO LONG")
     out = llm.batch(["a", "b", "c TOO LONG", "d"], return_exceptions=True)
-    assert out[:2] == ["A1A2", "B1B2B3"] and out[3] == "D1D2"
+    assert out[:2] == ["A1A2", "B1B2B3"]
+    assert out[3] == "D1D2"
     assert 2 in BatchingLLM.batches  # a and b decoded together, in one native call
 
 
@@ -135,7 +141,9 @@ def test_isolation_with_a_cache_answers_cached_prompts_too():
     assert llm.invoke("a") == "A1A2"
     ScriptedLLM.produced.clear()
     out = llm.batch(["a", "b TOO LONG", "c"], return_exceptions=True)
-    assert out[0] == "A1A2" and isinstance(out[1], ValueError) and out[2] == "C1"
+    assert out[0] == "A1A2"
+    assert isinstance(out[1], ValueError)
+    assert out[2] == "C1"
     assert ScriptedLLM.produced == ["C1"]  # "a" came from the cache
 
 
@@ -158,5 +166,7 @@ def test_a_call_from_a_callback_during_an_isolating_batch_fails_as_usual():
                     seen.append(e)
 
     out = llm.batch(["a", "b TOO LONG"], config={"callbacks": [Nested()]}, return_exceptions=True)
-    assert out[0] == "A1A2" and isinstance(out[1], ValueError)
-    assert len(seen) == 1 and isinstance(seen[0], ValueError)  # its own error, not the batch's
+    assert out[0] == "A1A2"
+    assert isinstance(out[1], ValueError)
+    assert len(seen) == 1
+    assert isinstance(seen[0], ValueError)  # its own error, not the batch's

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -56,7 +58,7 @@ def test_bad_stops_are_refused():
 )
 def test_streaming_equals_whole_text_truncation(text, stops, cuts):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     streamed, matched, _ = run(pieces, stops)
     whole, whole_matched = truncate(text, stops)
     assert streamed == whole
