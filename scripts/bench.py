@@ -43,10 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 import modelkit  # noqa: E402
 
-LONG_PROMPT = (
-    "The history of the moon landing begins with early rocket research in the "
-    "twentieth century. " * 24
-).strip()
+_HISTORY = (
+    "The history of the moon landing begins with early rocket research in the twentieth century. "
+)
+LONG_PROMPT = (_HISTORY * 24).strip()
+#: LONG_PROMPT's first half: the tiny model's tokenizer makes about 730 tokens of it.
+TINY_LONG_PROMPT = (_HISTORY * 12).strip()
 SHORT_PROMPT = "The first man on the moon was"
 DECODE_TOKENS = 64
 #: transformers decodes Gemma-3-270M (float32) at a few tokens/s here: fewer tokens.
@@ -247,21 +249,20 @@ def llamacpp() -> Adapter:
 
 def gpt4all() -> Adapter:
     from langchain_localllms import GPT4All
-    from langchain_localllms._files import cpu_count
 
     path = modelkit.path("tiny-gguf")
-    import gpt4all as g4a
-
     ours = GPT4All(model=str(path), temp=0.0, n_ctx=1024)
-    raw_model = g4a.GPT4All(model_name=path.name, model_path=str(path.parent), allow_download=False,
-                            n_threads=cpu_count(), n_ctx=1024, device="cpu")  # fmt: skip
-
+    # The raw runtime: our class's gpt4all.GPT4All itself, loaded with all CPUs' threads
+    # as raw would be: one model and one set of llama.cpp threads in the process.
+    raw_model = ours.client
     engine = raw_model.model  # gpt4all's LLModel: what GPT4All.generate calls
 
     def run_raw(prompt: str, n: int) -> Stream:
         """gpt4all's LLModel.prompt_model, every generated token counted (its streams
-        yield only complete characters: the random tiny model's bytes make few)."""
+        yield only complete characters: the random tiny model's bytes make few), and
+        every prompt token, through the hook gpt4all calls for each (as ours counts)."""
         count = 0
+        prompt_tokens = 0
         first: float | None = None
         t0 = time.perf_counter()
 
@@ -281,22 +282,37 @@ def gpt4all() -> Adapter:
 
             return each_token
 
+        def count_prompt(token_id: int) -> bool:
+            nonlocal prompt_tokens
+            prompt_tokens += 1
+            return True
+
         engine._callback_decoder = decoder
+        engine._prompt_callback = count_prompt
         try:
             engine.prompt_model(prompt, "%1", on_text, n_predict=n, temp=0.0, top_k=1, n_batch=128,
                                 repeat_penalty=1.18, repeat_last_n=64,
                                 reset_context=True)  # fmt: skip
         finally:
-            del engine._callback_decoder
+            del engine._callback_decoder, engine._prompt_callback
         total = time.perf_counter() - t0
-        return Stream(first or total, total, 0, count)
+        return Stream(first or total, total, prompt_tokens, count)
 
     # Both sides count every generated token (ours from its usage); gpt4all starts from
     # a clean context at every call (no prompt cache), and the random tiny model ends
     # some numbered prompts at once.
     return Adapter("GPT4All (tiny model)", run_raw, ours, None, "one sequence at a time",
-                   {"count": None, "max_kw": "max_tokens", "no_prompt": True,
-                    "no_cache": True}, thread="gpt4all")  # fmt: skip
+                   {"count": None, "max_kw": "max_tokens", "no_cache": True,
+                    "long_prompt": TINY_LONG_PROMPT, "prompt_n": 1,
+                    "note": "prompt speed is timed on a prompt of half the length (the tiny "
+                    "model's tokenizer makes about 730 tokens of it; the whole one would not fit "
+                    "its 1,024-token context), to the end of a one-token answer on each side "
+                    "(the random model's first token is often no complete character, so there "
+                    "is no first piece of text to time). This model's decode speed flips "
+                    "between about 8,000 and 230 tokens/s from one run to the next, raw alone "
+                    "too (gpt4all's bundled llama.cpp); at the fast speed a token takes 0.12 ms, "
+                    "so the few µs our stream adds per token show"},
+                   thread="gpt4all")  # fmt: skip
 
 
 def ctranslate2() -> Adapter:
@@ -755,8 +771,11 @@ def measure(name: str, reps: int) -> dict[str, Any]:
     # warm-up: load pages, fill caches, and let each side meet both prompt shapes once
     # (OpenVINO prepares its kernels for a new input length at its first inference)
     pieces = bool(a.extra.get("pieces"))
-    long = not a.extra.get("no_prompt")
-    for warm in (SHORT_PROMPT, LONG_PROMPT) if long else (SHORT_PROMPT,):
+    long_prompt = a.extra.get("long_prompt", LONG_PROMPT)
+    #: Tokens each side generates in a prompt-speed sample (its prefill is timed to the
+    #: first piece, or to the end where no piece has text).
+    prompt_n = a.extra.get("prompt_n", 4)
+    for warm in (SHORT_PROMPT, long_prompt):
         a.on_thread(lambda: a.raw(fresh(warm), 8))  # noqa: B023 - called at once
         ours_stream(a.ours, fresh(warm), 8, **{mk: 8})
 
@@ -786,15 +805,14 @@ def measure(name: str, reps: int) -> dict[str, Any]:
         if llm is not None
     ]
 
-    def community(key: str, llm: Any, same: str, r_long: Stream | None, r_dec: Stream) -> None:
+    def community(key: str, llm: Any, same: str, r_long: Stream, r_dec: Stream) -> None:
         """A community class's runs against this repetition's raw ones (as ours is measured)."""
         count = a.extra["count"]
-        long_prompt = fresh(LONG_PROMPT)
-        c_long = a.on_thread(lambda: community_stream(llm, long_prompt, count))
+        prompt = fresh(long_prompt)
+        c_long = a.on_thread(lambda: community_stream(llm, prompt, count))
         c_dec = a.on_thread(lambda: community_stream(llm, same, count))
         if c_dec.total_s - c_dec.first_s > 1e-3:  # it streamed: phases can be told apart
-            if r_long is not None:
-                ratios[key + "prompt"].append(c_long.prompt_tps / r_long.prompt_tps)
+            ratios[key + "prompt"].append(c_long.prompt_tps / r_long.prompt_tps)
             ratios[key + "decode"].append(c_dec.decode_tps / r_dec.decode_tps)
         else:  # no streaming: compare whole-answer throughput instead
             ratios[key + "total"].append(
@@ -804,17 +822,16 @@ def measure(name: str, reps: int) -> dict[str, Any]:
 
     for rep in range(reps):
         first = rep % 2 == 0  # which side goes first alternates: a drift of the machine cancels
-        r_long = None
-        if long:  # prompt speed: a long prompt, new to each side
-            # Runtimes with few repetitions take PROMPT_PAIRS prompt samples in each (a
-            # prefill is cheap, and OpenVINO's prefill times spike on either side).
-            for k in range(PROMPT_PAIRS if a.max_reps else 1):
-                r_long, o_long = pair(
-                    (fresh(LONG_PROMPT), fresh(LONG_PROMPT)), 4, first != bool(k % 2)
-                )
-                ratios["prompt"].append(o_long.prompt_tps / r_long.prompt_tps)
-                abs_vals["raw_prompt"].append(r_long.prompt_tps)
-                abs_vals["ours_prompt"].append(o_long.prompt_tps)
+        # prompt speed: a long prompt, new to each side. Runtimes with few repetitions
+        # take PROMPT_PAIRS prompt samples in each (a prefill is cheap, and OpenVINO's
+        # prefill times spike on either side).
+        for k in range(PROMPT_PAIRS if a.max_reps else 1):
+            r_long, o_long = pair(
+                (fresh(long_prompt), fresh(long_prompt)), prompt_n, first != bool(k % 2)
+            )
+            ratios["prompt"].append(o_long.prompt_tps / r_long.prompt_tps)
+            abs_vals["raw_prompt"].append(r_long.prompt_tps)
+            abs_vals["ours_prompt"].append(o_long.prompt_tps)
         # first token: a short prompt, new to each side
         r_first, o_first = pair((fresh(SHORT_PROMPT), fresh(SHORT_PROMPT)), 2, first)
         ratios["ttft_ms"].append((o_first.first_s - r_first.first_s) * 1e3)
@@ -867,6 +884,7 @@ def measure(name: str, reps: int) -> dict[str, Any]:
         "own": own,
         "absolute": {k: spread(v) for k, v in abs_vals.items() if v},
         "batch_note": a.batch_note,
+        "note": a.extra.get("note", ""),
         "community": a.community is not None,
         "community_tuned": a.community_tuned is not None,
         "reps": reps,
@@ -1041,6 +1059,8 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
                          "the server has slots, against 16 others one after another (wall time): "
                          f"{fmt(r['ratios']['raw_batch'])} "
                          "— the server's own ceiling for what a batch can gain.")  # fmt: skip
+        if r.get("note"):
+            lines.append(f"\n{r['runtime']}: {r['note']}.")
         if r["reps"] != reps:
             lines.append(f"\n{r['runtime']}: {r['reps']} repetitions and "
                          f"{r['decode_tokens']}-token decodes "

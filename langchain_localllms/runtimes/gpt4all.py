@@ -12,8 +12,6 @@ from langchain_localllms._native import Emit, SharedModel
 from langchain_localllms._usage import Tally
 from langchain_localllms.errors import ContextOverflowError
 
-_TOKEN = object()  # one generated token (its text, if any, follows)
-
 
 class GPT4AllEngine:
     """A GGUF model loaded by ``gpt4all`` (never downloaded: ``allow_download=False``).
@@ -71,10 +69,12 @@ class GPT4AllEngine:
                 counts["prompt"] += 1
                 return True
 
+            texts: list[str] = []  # what gpt4all's decoder made of the current token
+
             def count_completion(callback: Any) -> Any:
                 # Every generated token passes here, also those whose bytes gpt4all
-                # holds back until a UTF-8 character is complete: one item each, so
-                # the reader counts exactly the tokens it took.
+                # holds back until a UTF-8 character is complete: one item each (its
+                # text, maybe empty), so the reader counts exactly the tokens it took.
                 decode = raw_decoder(engine, callback)
 
                 def raw(token_id: int, response: bytes) -> bool:
@@ -82,14 +82,17 @@ class GPT4AllEngine:
                         failure.append(response.decode("utf-8", errors="replace"))
                         return False
                     counts["decoded"] += 1
-                    if not emit(_TOKEN):
+                    texts.clear()
+                    decode(token_id, response)
+                    if not emit("".join(texts)):
                         return False
-                    return bool(decode(token_id, response)) and counts["decoded"] < p["max_tokens"]
+                    return counts["decoded"] < p["max_tokens"]
 
                 return raw
 
             def on_text(token_id: int, text: str) -> bool:
-                return emit(text)
+                texts.append(text)
+                return True
 
             engine._prompt_callback = count_prompt
             engine._callback_decoder = count_completion
@@ -122,11 +125,10 @@ class GPT4AllEngine:
 
         items = self.shared.stream(work)
         try:
-            for item in items:
-                if item is _TOKEN:
-                    tally.completion_tokens += 1
-                elif item:
-                    yield item
+            for text in items:
+                tally.completion_tokens += 1
+                if text:
+                    yield text
         finally:
             items.close()  # the worker has ended: the counts are final
             tally.prompt_tokens = counts["prompt"]

@@ -259,6 +259,10 @@ class LlamaCppEngine:
                 tally.finish_reason = "length"
                 n = 0
                 generated: list[int] = []
+                # Whether this call may still move into a batch: once a move failed,
+                # a later token would fail alike (nothing it depends on changes while
+                # this job holds the runtime's thread).
+                movable = parallel > 1
                 while True:
                     token = sampler.sample(llm._ctx, -1)
                     if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
@@ -270,7 +274,7 @@ class LlamaCppEngine:
                     # the tokens it took.
                     if not emit((1, decoder.decode(llm.detokenize([token])))) or n >= limit:
                         break
-                    if parallel > 1 and n <= REPLAY_MAX and self._batcher.wanted():
+                    if movable and n <= REPLAY_MAX and self._batcher.wanted():
                         # Calls wait to join a batch: this one moves there and leads it.
                         moved = _Sequence(tokens, limit, [], "", p, grammar, reuse, parallel)
                         moved.sampler, moved.decoder, moved.sink = sampler, decoder, emit
@@ -285,6 +289,7 @@ class LlamaCppEngine:
                             tally.finish_reason = moved.tally.finish_reason
                             decoder = moved.decoder
                             break
+                        movable = False
                     llm.eval([token])
                 tail = decoder.decode(b"", final=True)
                 if tail:

@@ -7,6 +7,7 @@ transformers); `make test` runs this module there.
 from __future__ import annotations
 
 import json
+import os
 
 import pydantic
 import pytest
@@ -80,10 +81,7 @@ def test_int8_weights_load_and_answer(model_path, gemma, capsys):
     a, b = int8.invoke(prompt, max_new_tokens=32), gemma.invoke(prompt, max_new_tokens=32)
     assert a.strip()
     with capsys.disabled():
-        # how many leading characters the two answers share
-        same = next(
-            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-        )
+        same = len(os.path.commonprefix([a, b]))  # noqa: RUF071 - of two strings, not paths
         print(
             f"\n[openvino] int8 vs float32, first {same} of {len(b)} characters equal: "
             f"{a!r} / {b!r}"
