@@ -63,41 +63,37 @@ LC_THREADS = 4
 #: The shape of docs/benchmarks.json this script writes and ``--report-only`` reads.
 REPORT_FORMAT = 2
 NOTE = (
-    "Peak RSS is that runtime's whole bench process: the raw runtime, our class and the "
-    "community class (LlamaCpp: two instances, defaults and tuned) loaded side by side "
-    "(HuggingFacePipeline: one model, shared by all). Every prompt is new to the runtime, so "
-    "no prompt cache (LlamaCpp's prefix reuse, a server's) answers it: a number of its own in "
-    "front, drawn anew for every call of every repetition, batch prompts included (the batched "
-    "and the sequential side of a repetition each get 16 prompts of their own, of one shape). "
-    "The one exception is the decode prompt, which raw, ours and the community class get alike "
-    "so that they decode the same tokens; only its decode, after the first token, is timed. "
-    "GPT4All keeps no prompt cache and gets its prompts without the number (the random tiny "
-    "model ends some numbered prompts at once). Ours runs LlamaCpp with its defaults, "
-    "cache_prompt on: it reuses a prefix shared with the previous prompt only up to a place "
-    "where a cold prefill cuts the prompt too (every 256 tokens, and once more inside the last "
-    "chunk of a prompt of 512 or more), and every measured prompt differs from the previous "
-    "one within its first "
-    "tokens, so nothing is reused outside the prefix column (a cache that reuses any shared "
-    "prefix, as llama-cpp-python's Llama in the community class and in the Ollama loopback "
-    "does, skips at most those first few tokens). The tuned community columns differ from the "
-    "defaults only for LlamaCpp (langchain_community's LlamaCpp defaults to n_batch=8 and "
-    "n_threads=None, with which llama.cpp decodes on half the CPUs; tuned: n_batch=512, "
-    "n_threads and n_threads_batch = all CPUs, n_ctx=2048, as raw). Elsewhere they read \"= "
-    "defaults\": the Llamafile and Ollama classes are clients and the server does the work, "
-    "configured once for every client; CTranslate2's class builds its Generator with "
-    "CTranslate2's own defaults, which raw uses too, and HuggingFacePipeline's wraps the very "
+    "Peak RSS is that runtime's whole bench process: the raw runtime, our class and the community "
+    "class (LlamaCpp: two instances, defaults and tuned) loaded side by side (HuggingFacePipeline: "
+    "one model, shared by all). Every prompt is new to the runtime, so no prompt cache (LlamaCpp's "
+    "prefix reuse, a server's) answers it: a number of its own in front, drawn anew for every call "
+    "of every repetition, batch prompts included (the batched and the sequential side of a "
+    "repetition each get 16 prompts of their own, of one shape). The one exception is the decode "
+    "prompt, which raw, ours and the community class get alike so that they decode the same "
+    "tokens; only its decode, after the first token, is timed. GPT4All keeps no prompt cache and "
+    "gets its prompts without the number (the random tiny model ends some numbered prompts at "
+    "once). Ours runs LlamaCpp with its defaults, cache_prompt on: it reuses a prefix shared with "
+    "the previous prompt only up to a place where a cold prefill cuts the prompt too (every 256 "
+    "tokens, and once more inside the last chunk of a prompt of 512 or more), and every measured "
+    "prompt differs from the previous one within its first tokens, so nothing is reused outside "
+    "the prefix column (a cache that reuses any shared prefix, as llama-cpp-python's Llama in the "
+    "community class and in the Ollama loopback does, skips at most those first few tokens). The "
+    "tuned community columns differ from the defaults only for LlamaCpp (langchain_community's "
+    "LlamaCpp defaults to n_batch=8 and n_threads=None, with which llama.cpp decodes on half the "
+    "CPUs; tuned: n_batch=512, n_threads and n_threads_batch = all CPUs, n_ctx=2048, as raw). "
+    'Elsewhere they read "= defaults": the Llamafile and Ollama classes are clients and the server '
+    "does the work, configured once for every client; CTranslate2's class builds its Generator "
+    "with CTranslate2's own defaults, which raw uses too, and HuggingFacePipeline's wraps the very "
     "model raw calls (torch's threads are the process's): raw sets nothing that these classes "
-    "could set otherwise. For Llamafile and Ollama, speeds are the server's; the ratios "
-    "measure the client's cost per request against httpx reading the stream itself. The Ollama "
-    "server is the tests' loopback one (llama-cpp-python behind Ollama's HTTP API, one request "
-    "at a time, in a process of its own): no Ollama binary can be installed here. OpenVINO's "
-    "prefill of "
-    "one prompt length takes several times as long now and then, on either side, hence the "
-    "spread of its prompt cell. The OpenVINO "
-    "row runs in .venv-openvino, which has no langchain_community (its transformers pin "
-    "differs); GPT4All runs the tiny Llama model (its bundled llama.cpp cannot load Gemma 3); its "
-    "raw side is gpt4all's LLModel.prompt_model with every token counted, as ours counts "
-    "them."
+    "could set otherwise. For Llamafile and Ollama, speeds are the server's; the ratios measure "
+    "the client's cost per request against httpx reading the stream itself. The Ollama server is "
+    "the tests' loopback one (llama-cpp-python behind Ollama's HTTP API, one request at a time, in "
+    "a process of its own): no Ollama binary can be installed here. OpenVINO's prefill of one "
+    "prompt length takes several times as long now and then, on either side, hence the spread of "
+    "its prompt cell. The OpenVINO row runs in .venv-openvino, which has no langchain_community "
+    "(its transformers pin differs); GPT4All runs the tiny Llama model (its bundled llama.cpp "
+    "cannot load Gemma 3); its raw side is gpt4all's LLModel.prompt_model with every token "
+    "counted, as ours counts them."
 )
 
 
@@ -494,10 +490,7 @@ def openvino() -> Adapter:
 
 
 def serve_ollama() -> None:
-    (
-        "``--serve-ollama``: the loopback Ollama of the tests, in its own process, until stdin "
-        "closes."
-    )
+    """``--serve-ollama``: the tests' loopback Ollama, in its own process, until stdin closes."""
     from tests.integration_tests.servers import GEMMA, OllamaLoopback, gemma_gguf
 
     server = OllamaLoopback({GEMMA: gemma_gguf()})
@@ -1114,14 +1107,11 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
     lines += ["", f"`import langchain_localllms` (no runtime imported): {fmt(imp, ' ms', 1)}.", "",
               f"The wrapper's own cost per streamed piece, on a runtime that costs nothing: "
               f"{cost['loop']:.1f} µs in our streaming loop (stops, usage, chunks), "
-              f"{cost['stream']:.1f} µs "
-              "through LangChain's `stream()` with its callback manager: "
-              f"{share:.2f}% of the shortest "
-              f"decode step measured above ({shortest:.1f} ms, {fastest['runtime']}). "
-              "The spread of the "
-              "ratios (and of first-token times, tens of ms) is this shared 2-core machine's; "
-              "from one "
-              "full run to the next, the medians moved by up to 10% either way.", "",
+              f"{cost['stream']:.1f} µs through LangChain's `stream()` with its callback "
+              f"manager: {share:.2f}% of the shortest decode step measured above "
+              f"({shortest:.1f} ms, {fastest['runtime']}). The spread of the ratios (and of "
+              "first-token times, tens of ms) is this shared 2-core machine's; from one full "
+              "run to the next, the medians moved by up to 10% either way.", "",
               "![benchmarks](benchmarks.png)", ""]  # fmt: skip
     out.write_text("\n".join(lines))
 
@@ -1210,8 +1200,7 @@ def load_saved(path: Path) -> dict[str, Any]:
     if saved.get("format") != REPORT_FORMAT:
         raise SystemExit(f"--report-only: {path} was written by an older scripts/bench.py (format "
                          f"{saved.get('format', 1)}; this one reads format {REPORT_FORMAT}, "
-                         "with sample "
-                         "counts, tuned community and LlamaCpp thread columns); "
+                         "with sample counts, tuned community and LlamaCpp thread columns); "
                          "run `make bench` anew")  # fmt: skip
     return saved
 
@@ -1236,9 +1225,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--serve-ollama", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--report-only", action="store_true",
-                    help="write the report from the last run's benchmarks.json "
-                         "(measures only the import "
-                         "time and the wrapper's per-piece cost anew)")  # fmt: skip
+                    help="write the report from the last run's benchmarks.json (measures "
+                         "only the import time and the wrapper's per-piece cost anew)")  # fmt: skip
     args = ap.parse_args()
     if args.serve_ollama:
         serve_ollama()

@@ -77,22 +77,39 @@ def test_n_predict_is_max_tokens(model_path):
     )
 
 
-def test_early_stop_ends_generation(tiny, monkeypatch):
-    # Count every token the engine decodes (each passes gpt4all's byte decoder).
+@pytest.fixture
+def decoded(tiny, monkeypatch):
+    """The bytes of every token the engine decodes (each passes gpt4all's byte decoder)."""
     engine_type = type(tiny.client.model)
     decoder = engine_type._callback_decoder
-    decoded = []
+    seen: list[bytes] = []
 
     def counting(engine, callback):
         inner = decoder(engine, callback)
 
         def step(token_id, response):
-            decoded.append(token_id)
+            seen.append(response)
             return inner(token_id, response)
 
         return step
 
     monkeypatch.setattr(engine_type, "_callback_decoder", counting)
+    return seen
+
+
+def test_every_token_is_counted_also_one_without_text_of_its_own(tiny, decoded):
+    # The random tiny model writes lone UTF-8 bytes: gpt4all holds them back until a
+    # character is whole, so some tokens stream no text. Usage counts them all.
+    prompt = "The first man on the moon was"
+    pieces = [p for p in tiny.stream(prompt, max_tokens=60) if p]
+    assert len(pieces) < len(decoded) == 60  # some tokens had no text of their own
+    decoded.clear()
+    info = tiny.generate([prompt], max_tokens=60).generations[0][0].generation_info
+    assert info["completion_tokens"] == len(decoded) == 60
+    assert info["finish_reason"] == "length"
+
+
+def test_early_stop_ends_generation(tiny, decoded):
     stream = tiny.stream("The first man on the moon was", max_tokens=200)
     next(stream)
     stream.close()  # the engine thread is told to stop and joined

@@ -75,7 +75,14 @@ def test_same_greedy_tokens_as_torch(gemma, model_path):
         assert ov_ids == torch_llm.invoke(prompt)
 
 
+def int8_weights(model_dir) -> bool:
+    """Whether an exported model keeps weights as 8-bit integers (NNCF's int8 compression)."""
+    return 'element_type="u8"' in (model_dir / "openvino_model.xml").read_text()
+
+
 def test_int8_weights_load_and_answer(model_path, gemma, capsys):
+    assert int8_weights(model_path("gemma-ov-int8"))
+    assert not int8_weights(model_path("gemma-ov"))
     int8 = ov(model_path("gemma-ov-int8"))
     prompt = "The first man on the moon was"
     a, b = int8.invoke(prompt, max_new_tokens=32), gemma.invoke(prompt, max_new_tokens=32)
@@ -96,7 +103,7 @@ def test_export_once_then_reuse(model_path, tmp_path, monkeypatch, caplog):
     caplog.clear()
     exported = list((tmp_path / "openvino").iterdir())
     assert len(exported) == 1
-    assert (exported[0] / "openvino_model.xml").is_file()
+    assert int8_weights(exported[0])  # weight_format reached the export
     again = ov(model_path("tiny-hf"), model_kwargs={"weight_format": "int8"})
     assert "exporting" not in caplog.text
     assert again.invoke(TINY_PROMPTS[0]) == first.invoke(TINY_PROMPTS[0])

@@ -314,8 +314,8 @@ NATIVE = {
         p = modelkit.CACHE / "reliability" / "cut.gguf"; p.write_bytes(src)
         LlamaCpp(model_path=str(p))""",
     "gguf-header-then-garbage": """
-        p = modelkit.CACHE / "reliability" / "hdr.gguf"; """  # one line, cut in two here
-    """p.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+        p = modelkit.CACHE / "reliability" / "hdr.gguf"
+        p.write_bytes(b"GGUF" + bytes(range(256)) * 64)
         LlamaCpp(model_path=str(p))""",
     "gpt4all-truncated-gguf": """
         src = open(modelkit.path("tiny-gguf"), "rb").read(100_000)
