@@ -10,7 +10,7 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 KIT_MODELS := gemma-gguf gemma-hf gemma-ct2 gemma-ct2-int8 gemma-ov gemma-ov-int8 tiny-hf tiny-gguf tiny-ct2 tiny-ov tiny-chat-hf tiny-chat-gguf
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help install openvino-env models llama-server demo test unit integration bench lint format clean
+.PHONY: help install openvino-env models llama-server schema-suite demo test unit integration bench lint format clean
 
 help: ## Show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -25,8 +25,6 @@ $(VENV)/.installed: pyproject.toml constraints.txt modelkit/native.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[ctranslate2,huggingface,gpt4all,classic]" \
 		--group test --group lint --group kit
-	@# xgrammar without triton (~1 GB that xgrammar never loads on a CPU)
-	$(PY) -m pip install -q -c constraints.txt --no-deps xgrammar apache-tvm-ffi
 	$(PY) -m modelkit.native llama-cpp-python
 	@touch $@
 
@@ -41,7 +39,6 @@ $(OV_VENV)/.installed: pyproject.toml constraints-openvino.txt
 	$(PYTHON) -m venv $(OV_VENV)
 	$(OV_VENV)/bin/python -m pip install -q --upgrade pip
 	$(OV_VENV)/bin/python -m pip install -q -c constraints-openvino.txt -e ".[openvino,classic]" --group test
-	$(OV_VENV)/bin/python -m pip install -q -c constraints-openvino.txt --no-deps xgrammar==0.2.8 apache-tvm-ffi
 	$(OV_VENV)/bin/python -m pip uninstall -q -y torchvision
 	@touch $@
 
@@ -50,6 +47,19 @@ openvino-env: $(OV_VENV)/.installed ## Create .venv-openvino (optimum-intel, its
 models: install openvino-env ## Build the offline models (cached in $LOCALLLMS_CACHE)
 	$(PY) -m modelkit prepare $(KIT_MODELS)
 
+# The official JSON Schema Test Suite ships in the jsonschema sdist (PyPI).
+SCHEMA_SUITE := $(LOCALLLMS_CACHE)/json-schema-test-suite/draft2020-12
+$(SCHEMA_SUITE):
+	@mkdir -p $(LOCALLLMS_CACHE)/src
+	$(PYTHON) -m pip download -q --no-deps --no-binary :all: jsonschema==4.26.0 -d $(LOCALLLMS_CACHE)/src
+	rm -rf $(LOCALLLMS_CACHE)/.suite && mkdir -p $(LOCALLLMS_CACHE)/.suite
+	tar xzf $(LOCALLLMS_CACHE)/src/jsonschema-4.26.0.tar.gz -C $(LOCALLLMS_CACHE)/.suite
+	mkdir -p $(dir $@) && mv $(LOCALLLMS_CACHE)/.suite/jsonschema-4.26.0/json/tests/draft2020-12 $@
+	rm -rf $(LOCALLLMS_CACHE)/.suite
+
+schema-suite: $(SCHEMA_SUITE) ## Unpack the JSON Schema Test Suite (from the jsonschema sdist)
+export LOCALLLMS_SCHEMA_SUITE := $(SCHEMA_SUITE)
+
 llama-server: install ## Build llama.cpp's HTTP server for this CPU from the llama-cpp-python sdist (cached, smoke-checked)
 	@$(PY) -m modelkit.native llama-server >/dev/null
 
@@ -57,7 +67,7 @@ demo: install ## Stream an answer from Gemma-3-270M through PromptTemplate | Lla
 	@$(PY) -m modelkit prepare gemma-gguf >/dev/null
 	@$(PY) scripts/demo.py
 
-unit: install ## Unit tests (no network, no models)
+unit: install schema-suite ## Unit tests (no network, no models)
 	$(PYTEST) tests/unit_tests --disable-socket --allow-unix-socket
 
 integration: install models llama-server ## Integration tests on real models and loopback servers
@@ -67,7 +77,7 @@ integration: install models llama-server ## Integration tests on real models and
 		tests/integration_tests/test_openvino.py tests/integration_tests/test_chat_openvino.py \
 		tests/integration_tests/test_docs.py
 
-test: install models llama-server ## Everything: unit + integration (real models) + docs
+test: install models llama-server schema-suite ## Everything: unit + integration (real models) + docs
 	$(PYTEST) tests/unit_tests --disable-socket --allow-unix-socket
 	$(PYTEST) tests/integration_tests --ignore=tests/integration_tests/test_openvino.py \
 		--ignore=tests/integration_tests/test_chat_openvino.py

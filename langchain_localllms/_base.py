@@ -194,6 +194,11 @@ class LocalLLM(BaseLLM):
     _live_fields: ClassVar[tuple[str, ...]] = ()
     #: Options that exist only per call or need no field (e.g. ``grammar``).
     _call_only: ClassVar[tuple[str, ...]] = ()
+    #: The engine that enforces JSON schemas while decoding, a key of
+    #: ``grammars.schemas.ENGINES`` (None: the runtime does not constrain decoding), and
+    #: the one for tool calls where it differs.
+    _schema_engine: ClassVar[str | None] = None
+    _tool_schema_engine: ClassVar[str | None] = None
     #: Whether a ``streaming`` field decides if ``invoke`` sends tokens to callbacks.
     _streaming_gates_tokens: ClassVar[bool] = False
     #: Names of the fields LangSmith reports as temperature / max tokens.
@@ -385,7 +390,10 @@ class LocalLLM(BaseLLM):
         """A runnable that constrains decoding with ``grammar`` and parses the answer.
 
         ``grammar`` is anything ``Grammar.coerce`` takes; a pydantic model class gives
-        instances of it, a JSON schema or a built-in JSON grammar gives parsed JSON.
+        instances of it, a JSON schema or a built-in JSON grammar gives parsed JSON
+        validated against the schema. A schema keyword the runtime cannot enforce
+        raises ``SchemaNotSupported`` here (``Grammar.from_json_schema(s,
+        strict=False)`` relaxes it with a warning instead).
 
         Example:
             .. code-block:: python
@@ -401,7 +409,11 @@ class LocalLLM(BaseLLM):
         if "grammar" not in (*self._call_fields, *self._call_only):
             msg = f"{type(self).__name__} cannot constrain decoding with a grammar"
             raise NotImplementedError(msg)
+        from langchain_localllms.grammars.schemas import prepare
+
         g = Grammar.coerce(grammar)
+        if g.schema is not None:
+            prepare(g.schema, self._schema_engine, strict=not g.lenient)
         return self.bind(grammar=g) | RunnableLambda(g.parse, name="parse_grammar_output")
 
     # ------------------------------------------------------------ call options

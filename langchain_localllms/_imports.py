@@ -13,7 +13,7 @@ _RUNTIMES: dict[str, tuple[str, str]] = {
     "torch": ("torch", "huggingface"),
     "optimum.intel": ("optimum-intel[openvino]", "openvino"),
     "gpt4all": ("gpt4all", "gpt4all"),
-    "xgrammar": ("xgrammar", "huggingface"),
+    "llguidance": ("llguidance", "all"),
     "huggingface_hub": ("huggingface_hub", "huggingface"),
 }
 

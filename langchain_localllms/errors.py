@@ -14,6 +14,8 @@ __all__ = [
     "GrammarSyntaxError",
     "IncompleteResponseError",
     "NotFoundError",
+    "SchemaNotSupported",
+    "SchemaValidationError",
     "ServerError",
 ]
 
@@ -68,3 +70,35 @@ class ContextOverflowError(ValueError):
         super().__init__(message)
         self.prompt_tokens = prompt_tokens
         self.context = context
+
+
+class SchemaNotSupported(ValueError):
+    """A JSON schema uses a keyword the runtime cannot enforce while decoding.
+
+    Raised when the schema is bound (``with_structured_output``, ``bind_tools``,
+    ``grammar=``), before any decoding. ``keyword`` is the keyword, ``pointer`` the
+    JSON pointer of the schema that has it (``""``: the root), ``runtime`` the
+    constraint engine that refused it. ``strict=False`` relaxes the keyword instead
+    (with a warning); every answer is still validated against the whole schema.
+    """
+
+    def __init__(
+        self, message: str, *, keyword: str = "", pointer: str = "", runtime: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.keyword = keyword
+        self.pointer = pointer
+        self.runtime = runtime
+
+
+class SchemaValidationError(ValueError):
+    """An answer that does not validate against the schema it was asked for.
+
+    ``raw`` is the model's text, ``errors`` what the validator found (each with the
+    JSON pointer of the failing value). Never returned as if it were valid.
+    """
+
+    def __init__(self, message: str, *, raw: str = "", errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.raw = raw
+        self.errors = list(errors or [])

@@ -737,6 +737,104 @@ def llamacpp_columns(llm: Any, reps: int, serial: Iterator[int] | None = None) -
             "lc_agree": {**agree, "n": BATCH_SIZE}}  # fmt: skip
 
 
+#: A structured answer with long fixed keys: the grammar writes most of its bytes.
+LONG_KEYS = {
+    "type": "object",
+    "properties": {
+        "customer_full_name_as_written_on_the_order": {"type": "string", "maxLength": 24},
+        "customer_shipping_address_first_line": {"type": "string", "maxLength": 24},
+        "customer_preferred_delivery_time_window": {"enum": ["morning", "afternoon"]},
+        "number_of_items_in_the_shopping_basket": {"type": "integer", "minimum": 1,
+                                                   "maximum": 9},
+        "customer_accepted_the_terms_of_service": {"type": "boolean"},
+    },
+    "required": ["customer_full_name_as_written_on_the_order",
+                 "customer_shipping_address_first_line",
+                 "customer_preferred_delivery_time_window",
+                 "number_of_items_in_the_shopping_basket",
+                 "customer_accepted_the_terms_of_service"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+def structured_columns(llm: Any, reps: int, serial: Iterator[int]) -> dict[str, Any]:
+    """Structured output on LlamaCpp against free decoding and raw llama-cpp-python.
+
+    ``so_decode``: completion tokens/s of an answer constrained by :data:`LONG_KEYS`
+    (llguidance's mask) / that of a free answer of the same prompt, both ours;
+    ``so_raw``: ours constrained / raw llama-cpp-python constrained by its own
+    converter's grammar (``LlamaGrammar.from_json_schema``), same prompt and settings;
+    ``so_compile_ms`` / ``so_raw_compile_ms``: the time to compile one schema of the
+    JSON Schema Test Suite's enforced ones for Gemma's vocabulary (llguidance), and
+    llama-cpp-python's converter plus llama.cpp's grammar parser on the same schemas.
+    """
+    import llama_cpp
+    import llama_cpp.llama_grammar as llama_grammar
+
+    from langchain_localllms.errors import SchemaNotSupported
+    from langchain_localllms.grammars import Grammar
+    from langchain_localllms.grammars.guidance import Guide
+    from langchain_localllms.grammars.schemas import prepare
+
+    raw = llama_cpp.Llama(model_path=llm.model_path, n_ctx=2048, n_batch=512,
+                          n_threads=llm.n_threads, verbose=False)  # fmt: skip
+    raw_grammar = llama_grammar.LlamaGrammar.from_json_schema(json.dumps(LONG_KEYS), verbose=False)
+    limit = 160
+
+    def ours(prompt: str, grammar: Any) -> float:
+        info = llm.generate([prompt], max_tokens=limit, grammar=grammar).generations[0][0]
+        timings = info.generation_info["timings"]
+        return float(timings["completion_tokens_per_second"])
+
+    def raw_rate(prompt: str) -> float:
+        count, first = 0, None
+        for _ in raw.create_completion(prompt, max_tokens=limit, temperature=0.0,
+                                       repeat_penalty=1.0, grammar=raw_grammar, stream=True):
+            first = first or time.perf_counter()
+            count += 1
+        return (count - 1) / (time.perf_counter() - first) if first and count > 1 else 0.0
+
+    out: dict[str, list[float]] = {"so_decode": [], "so_raw": [], "so_free": [], "so_ours": []}
+    for rep in range(reps):
+        prompt = f"Order {next(serial)}: write the order as JSON.\n"
+        sides = [("free", ours, None), ("ours", ours, LONG_KEYS), ("raw", raw_rate, None)]
+        order = sides if rep % 2 == 0 else sides[::-1]
+        rates = {k: f(prompt, *([g] if f is ours else [])) for k, f, g in order}
+        out["so_decode"].append(rates["ours"] / rates["free"])
+        out["so_raw"].append(rates["ours"] / rates["raw"])
+        out["so_free"].append(rates["free"])
+        out["so_ours"].append(rates["ours"])
+    raw.close()
+    tokenizer = llm._engine_or_fail().lltokenizer()
+    suite = Path(os.environ.get("LOCALLLMS_SCHEMA_SUITE", ""))
+    schemas = [c["schema"] for f in sorted(suite.glob("*.json"))
+               for c in json.loads(f.read_text())] if suite.is_dir() else [LONG_KEYS]  # fmt: skip
+    compile_ms, raw_ms = [], []
+    vocab = llm._engine_or_fail().llm._model.vocab
+    for schema in schemas:
+        try:
+            prepared = prepare(schema, "llguidance", warn=False)
+        except SchemaNotSupported:
+            continue
+        t0 = time.perf_counter()
+        try:
+            Guide(tokenizer, Grammar.from_json_schema(prepared))
+        except SchemaNotSupported:
+            continue
+        compile_ms.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        try:
+            gbnf = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+            sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+            if sampler:
+                llama_cpp.llama_sampler_free(sampler)
+                raw_ms.append((time.perf_counter() - t0) * 1e3)
+        except Exception:
+            continue
+    return {**{k: spread(v) for k, v in out.items()}, "so_compile_ms": spread(compile_ms),
+            "so_raw_compile_ms": spread(raw_ms)}  # fmt: skip
+
+
 def measure(name: str, reps: int) -> dict[str, Any]:
     a = ADAPTERS[name]()
     reps = min(reps, a.max_reps or reps)
@@ -870,7 +968,11 @@ def measure(name: str, reps: int) -> dict[str, Any]:
             ratios["abatch"].append(took["sequential"] / took["abatch"])
         if a.extra.get("slots"):
             ratios["raw_batch"].append(raw_concurrency(a, a.extra["slots"], rep, fresh_batch))
-    own = llamacpp_columns(a.ours, reps, serial) if name == "llamacpp" else {}
+    own = (
+        {**llamacpp_columns(a.ours, reps, serial), **structured_columns(a.ours, reps, serial)}
+        if name == "llamacpp"
+        else {}
+    )
     return {
         "runtime": a.name,
         "ratios": {k: spread(v) for k, v in ratios.items() if v},
@@ -967,12 +1069,13 @@ def fmt(s: dict[str, float] | None, unit: str = "x", digits: int = 2) -> str:
 
 
 def ratio(r: dict[str, Any], key: str) -> dict[str, float] | None:
-    """A result's ratio as the report shows it: ``lc_*`` from LlamaCpp's own columns, and
-    LlamaCpp's batch as ``lc_batch`` (tokens/s, not the generic loop's wall time)."""
+    """A result's ratio as the report shows it: ``lc_*`` and ``so_*`` from LlamaCpp's own
+    columns, and LlamaCpp's batch as ``lc_batch`` (tokens/s, not the generic loop's wall
+    time)."""
     own = r.get("own") or {}
     if key == "batch" and own.get("lc_batch"):
         return own["lc_batch"]
-    return own.get(key) if key.startswith("lc_") else r["ratios"].get(key)
+    return own.get(key) if key.startswith(("lc_", "so_")) else r["ratios"].get(key)
 
 
 def threads_cell(r: dict[str, Any]) -> str:
@@ -1025,6 +1128,10 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
         "instance / that of as many calls one after another from one thread (above 1 is a gain). "
         "prefix reuse: prefill time (to the first token) of a prompt whose ~1,000-token prefix "
         "the previous call had / that cold call's (below 1 is a gain). "
+        "structured / free: completion tokens/s of an answer constrained by a JSON schema "
+        "with long fixed keys / that of a free answer of the same prompt, ours (see below); "
+        "schema compile: the median time to compile one JSON schema for the model's "
+        "vocabulary. "
         "Targets: decode >= 0.98x, prompt >= 0.95x, first-token overhead <= 5 ms; "
         "a batch of 16 >= 4x 16 sequential invokes on CTranslate2, >= 2x on HuggingFacePipeline, "
         "and abatch >= 2x on a server with parallel slots.",
@@ -1033,8 +1140,9 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
         "| batch16 / 16 sequential "
         "| abatch16 / 16 sequential | threads4 / serialized | prefix reuse: prefill warm/cold "
         "| community decode/raw (defaults) | community prompt/raw (defaults) "
-        "| community decode/raw (tuned) | community prompt/raw (tuned) | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| community decode/raw (tuned) | community prompt/raw (tuned) "
+        "| structured / free decode | schema compile | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         q = r["ratios"]
@@ -1044,7 +1152,8 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
             f"{fmt(q.get('ttft_ms'), ' ms', 1)} | {batch} | {fmt(q.get('abatch'))} | "
             f"{threads_cell(r)} | {fmt(ratio(r, 'lc_prefix'))} | "
             f"{fmt(q.get('c_decode'))} | {fmt(q.get('c_prompt'))} | {tuned_cell(r, 't_decode')} | "
-            f"{tuned_cell(r, 't_prompt')} | {r['peak_rss_mb']:.0f} MB |"
+            f"{tuned_cell(r, 't_prompt')} | {fmt(ratio(r, 'so_decode'))} | "
+            f"{fmt(ratio(r, 'so_compile_ms'), ' ms', 1)} | {r['peak_rss_mb']:.0f} MB |"
         )
     for r in results:
         if r["ratios"].get("raw_batch"):
@@ -1062,6 +1171,21 @@ def write_report(results: list[dict[str, Any]], imp: dict[str, float], cost: dic
                          "samples in each repetition.")  # fmt: skip
     for r in results:
         own = r.get("own") or {}
+        if own.get("so_decode"):
+            lines.append(
+                f"\n{r['runtime']}, structured output (a JSON schema of five fields with long "
+                "fixed keys, llguidance's token mask; each sample against the free answer of "
+                f"the same prompt): {fmt(own['so_decode'])} the completion tokens/s of the free "
+                f"answer ({fmt(own['so_ours'], '', 1)} against {fmt(own['so_free'], '', 1)} "
+                f"tokens/s); {fmt(own['so_raw'])} that of raw llama-cpp-python constrained by "
+                "its own converter's grammar. What the schema fixes (keys, punctuation) is "
+                "fast-forwarded: taken from llguidance, not sampled, and decoded with the "
+                "sampled token in one `llama_decode`. Compiling one schema of the JSON Schema "
+                "Test Suite (those llguidance enforces) takes "
+                f"{fmt(own['so_compile_ms'], ' ms', 1)}; llama-cpp-python's converter and "
+                "llama.cpp's parser, on the schemas they take, "
+                f"{fmt(own['so_raw_compile_ms'], ' ms', 1)}."
+            )
         if own.get("lc_batch"):
             same = own["lc_prefix_same"]
             lines.append(

@@ -16,7 +16,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any, ClassVar, Literal, cast
 
@@ -24,6 +24,7 @@ from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
+from langchain_core.exceptions import OutputParserException
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, BaseLanguageModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
@@ -75,7 +76,9 @@ from langchain_localllms.chat_models._tools import (
     resolve_choice,
     tools_preamble,
 )
+from langchain_localllms.errors import SchemaValidationError
 from langchain_localllms.grammars import Grammar
+from langchain_localllms.grammars.schemas import named, prepare, validate
 from langchain_localllms.prompts import ChatTemplateError, ModelInfo, chat_format, render_chat
 
 __all__ = ["LocalChatModel"]
@@ -236,6 +239,7 @@ class LocalChatModel(BaseChatModel):
         tools = [ToolSpec.of(t) for t in kwargs.pop("tools", None) or []]
         choice = kwargs.pop("tool_choice", None)
         answer_format = kwargs.pop("response_format", None)
+        strict = kwargs.pop("strict", None)
         if choice not in (None, "auto", "none") and not tools:
             msg = f"tool_choice={choice!r} needs tools: bind them with bind_tools(tools, ...)"
             raise ValueError(msg)
@@ -259,17 +263,26 @@ class LocalChatModel(BaseChatModel):
             else:
                 instruction = tools_preamble(allowed, forced=mode == "forced")
             if self._constrains:
-                kwargs["grammar"] = call_grammar(allowed, forced=mode == "forced", syntax=syntax)
+                bare = mode == "forced" and not syntax.open
+                kwargs["grammar"] = call_grammar(
+                    self._enforceable(allowed, strict, bare_call=bare),
+                    forced=mode == "forced",
+                    syntax=syntax,
+                    strict=strict is not False,
+                )
             elif mode == "forced":  # write the call's opening: the model goes on from it
                 forced = allowed
                 json_only = True
         elif answer_format is not None:
             schema = answer_format.get("schema")
             if self._constrains:
+                constraint = answer_format.get("constraint") or schema
                 kwargs["grammar"] = (
                     Grammar.builtin("json")
-                    if schema is None
-                    else Grammar.from_json_schema(_plain_schema(schema))
+                    if constraint is None
+                    else Grammar.from_json_schema(
+                        constraint, strict=answer_format.get("strict") is not False
+                    )
                 )
             else:
                 instruction = _json_instruction(schema)
@@ -305,6 +318,32 @@ class LocalChatModel(BaseChatModel):
             schema=answer_schema,
             thinking=thinking,
         )
+
+    def _schema_engine(self, *, tools: bool = False, bare_call: bool = False) -> str | None:
+        """The engine that enforces this runtime's schemas (None: it does not constrain).
+
+        ``tools``: of tool calls, which may differ (ChatLlamafile writes their grammar on
+        the client), unless ``bare_call``: the answer is one forced call and nothing
+        else, which goes to the schema engine as a JSON schema.
+        """
+        if not self._constrains:
+            return None
+        engine: str | None = self.llm._schema_engine
+        if tools and not bare_call:
+            return self.llm._tool_schema_engine or engine
+        return engine
+
+    def _enforceable(
+        self, tools: list[ToolSpec], strict: bool | None, *, bare_call: bool
+    ) -> list[ToolSpec]:
+        """``tools`` as the engine enforces them: refused, or relaxed (``strict=False``)."""
+        engine = self._schema_engine(tools=True, bare_call=bare_call)
+        if engine is None:
+            return tools
+        relaxed = [
+            prepare(t.parameters, engine, strict=strict, warn=False) for t in tools
+        ]  # SchemaNotSupported where strict
+        return [replace(t, parameters=p) for t, p in zip(tools, relaxed, strict=True)]
 
     def _chosen(self, prompt: str, tools: list[ToolSpec]) -> list[ToolSpec]:
         """Of several tools a call must be of, the one the model scores likeliest.
@@ -523,6 +562,7 @@ class LocalChatModel(BaseChatModel):
         tools: Sequence[Any],
         *,
         tool_choice: str | dict[str, Any] | bool | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Offer ``tools`` to the model.
@@ -532,10 +572,19 @@ class LocalChatModel(BaseChatModel):
 
         Where the runtime takes grammars, a forced call is constrained to valid JSON
         that validates against the tool's schema, and ``"auto"`` allows either text or
-        such a call.
+        such a call. A tool argument's schema keyword the runtime cannot enforce raises
+        ``SchemaNotSupported`` here, unless ``strict=False`` (then it is relaxed with a
+        warning); a call is validated against the whole schema either way.
         """
         specs = [ToolSpec.of(t) for t in tools]
-        resolve_choice(specs, tool_choice)  # an unknown choice fails here
+        mode, _ = resolve_choice(specs, tool_choice)  # an unknown choice fails here
+        # A forced call is checked as one without tags (the template, read at the call,
+        # decides; a call in tags is checked again then).
+        engine = self._schema_engine(tools=True, bare_call=mode == "forced")
+        for spec in specs:
+            prepare(spec.parameters, engine, strict=strict)
+        if strict is not None:
+            kwargs["strict"] = strict
         return self.bind(tools=list(tools), tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(
@@ -552,11 +601,17 @@ class LocalChatModel(BaseChatModel):
         ``json_schema`` constrains decoding by the schema's grammar; ``function_calling``
         forces a call of a tool made from the schema (its arguments are the answer);
         ``json_mode`` constrains to JSON, by the schema's grammar when one is given.
-        Where the runtime takes grammars the answer always parses; ``strict`` is
-        accepted for compatibility (the grammar is always strict). Where it does not
-        (CTranslate2, GPT4All), the prompt asks for the schema, the answer starts as
-        a JSON object and ends with it, and an answer that does not parse is an
-        ``OutputParserException``.
+        A JSON schema needs no ``title`` and may have any root (an object, an array, a
+        number, an enum); ``function_calling`` needs an object schema with a name, as
+        a tool does.
+
+        Where the runtime takes grammars, a schema keyword it cannot enforce raises
+        ``SchemaNotSupported`` here, naming the keyword and its JSON pointer; with
+        ``strict=False`` it is relaxed with a warning instead. Where it does not
+        (CTranslate2, GPT4All), the prompt asks for the schema and the answer starts
+        as a JSON object. Every answer is validated against the whole schema (formats
+        checked): one that does not validate is an ``OutputParserException`` carrying
+        the raw text (``include_raw=True`` puts it in ``parsing_error``).
         """
         if kwargs:
             msg = f"with_structured_output got unknown arguments: {', '.join(sorted(kwargs))}"
@@ -570,21 +625,32 @@ class LocalChatModel(BaseChatModel):
         # What LangSmith and callbacks see (langchain-core reads and removes it).
         traced: dict[str, Any] = {"kwargs": {"method": method, "strict": strict}}
         if schema is not None:
-            traced["schema"] = convert_to_openai_tool(schema)
+            traced["schema"] = convert_to_openai_tool(
+                named(schema) if isinstance(schema, dict) else schema
+            )
         parser: Runnable[Any, Any]
         bound: Runnable[LanguageModelInput, Any]
         if method == "function_calling":
             spec = ToolSpec.of(schema)
             bound = self.bind_tools(
-                [schema], tool_choice=spec.name, ls_structured_output_format=traced
+                [schema], tool_choice=spec.name, strict=strict, ls_structured_output_format=traced
             )
             parser = RunnableLambda(_first_call_args)
             if isinstance(schema, type) and is_basemodel_subclass(schema):
                 parser = parser | RunnableLambda(schema.model_validate)  # type: ignore[attr-defined]
         else:
-            answer = {"schema": None if schema is None else convert_to_json_schema(schema)}
+            json_schema = None
+            if schema is not None:
+                json_schema = schema if isinstance(schema, dict) else convert_to_json_schema(schema)
+            answer = {
+                "schema": json_schema,
+                "constraint": None
+                if json_schema is None
+                else prepare(json_schema, self._schema_engine(), strict=strict),
+                "strict": strict,
+            }
             bound = self.bind(response_format=answer, ls_structured_output_format=traced)
-            parser = _json_parser(schema)
+            parser = _json_parser(schema, json_schema)
         if not include_raw:
             return bound | parser
         parsed = RunnablePassthrough.assign(
@@ -1003,11 +1069,53 @@ def _as_message(result: ChatResult) -> ChatResult:
     return ChatResult(generations=gens, llm_output=result.llm_output)
 
 
-def _json_parser(schema: Any) -> Runnable[Any, Any]:
-    """The answer's JSON, validated into ``schema`` when it is a pydantic model."""
+def _json_parser(schema: Any, json_schema: dict[str, Any] | None) -> Runnable[Any, Any]:
+    """The answer's JSON: a pydantic model's instance, or validated against the schema.
+
+    Partial JSON is parsed while streaming; the whole answer must be complete JSON (an
+    answer cut at the token limit is an error, not a shorter object).
+    """
     if isinstance(schema, type) and is_basemodel_subclass(schema):
-        return PydanticOutputParser(pydantic_object=schema)
-    return JsonOutputParser()
+        return _ValidatedPydantic(pydantic_object=schema)
+    return _ValidatedJson(answer_schema=json_schema)
+
+
+def _whole_json(result: list[Any]) -> tuple[Any, str]:
+    raw = result[0].text
+    try:
+        return json.loads(raw), raw
+    except json.JSONDecodeError as e:
+        msg = (
+            f"the answer is not complete JSON ({e}; was it cut at the token limit?): {raw[:200]!r}"
+        )
+        raise OutputParserException(msg, llm_output=raw) from e
+
+
+class _ValidatedJson(JsonOutputParser):
+    """JSON whose whole answer must validate against a schema (where one is given)."""
+
+    answer_schema: dict[str, Any] | None = None
+
+    def parse_result(self, result: list[Any], *, partial: bool = False) -> Any:
+        if partial:
+            return super().parse_result(result, partial=True)
+        value, raw = _whole_json(result)
+        if self.answer_schema is None:
+            return value
+        try:
+            return validate(self.answer_schema, value, raw)
+        except SchemaValidationError as e:
+            raise OutputParserException(str(e), llm_output=raw) from e
+
+
+class _ValidatedPydantic(PydanticOutputParser):  # type: ignore[type-arg]
+    """A pydantic model's instance from the whole answer, which must be complete JSON."""
+
+    def parse_result(self, result: list[Any], *, partial: bool = False) -> Any:
+        if partial:
+            return super().parse_result(result, partial=True)
+        value, _ = _whole_json(result)
+        return self._parse_obj(value)  # pydantic v2 or v1; a typed OutputParserException
 
 
 def _first_call_args(message: AIMessage) -> dict[str, Any]:

@@ -21,7 +21,9 @@ from typing import Any
 from langchain_core.messages import ToolCall
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from langchain_localllms.errors import SchemaValidationError
 from langchain_localllms.grammars import Grammar
+from langchain_localllms.grammars.schemas import validate
 
 __all__ = [
     "HERMES",
@@ -154,10 +156,14 @@ def resolve_choice(tools: Sequence[ToolSpec], tool_choice: Any) -> tuple[str, li
     return "forced", chosen
 
 
-def call_grammar(tools: Sequence[ToolSpec], *, forced: bool, syntax: CallSyntax = PLAIN) -> Grammar:
+def call_grammar(
+    tools: Sequence[ToolSpec], *, forced: bool, syntax: CallSyntax = PLAIN, strict: bool = True
+) -> Grammar:
     """The grammar of an answer: a valid call of one of ``tools``, in ``syntax``.
 
     Unless ``forced``, free text that does not start like a call is allowed too.
+    ``strict=False``: keywords the runtime cannot enforce are left out (see
+    :meth:`Grammar.from_json_schema`).
     """
     schema: dict[str, Any] = (
         tools[0].call_schema() if len(tools) == 1 else {"anyOf": [t.call_schema() for t in tools]}
@@ -167,10 +173,12 @@ def call_grammar(tools: Sequence[ToolSpec], *, forced: bool, syntax: CallSyntax 
          *([_literal(syntax.close)] if syntax.close else [])]
     )  # fmt: skip
     if forced:
-        return Grammar.around_schema(f"root ::= {tagged}\n", "json-call", schema, name="tool call")
+        return Grammar.around_schema(
+            f"root ::= {tagged}\n", "json-call", schema, name="tool call", strict=strict
+        )
     first = "<" if syntax.open else "{"
     free = f"root ::= {tagged} | text\ntext ::= [^{first} \\t\\n] [^\\x00]*\n"
-    return Grammar.around_schema(free, "json-call", schema, name="tool call or text")
+    return Grammar.around_schema(free, "json-call", schema, name="tool call or text", strict=strict)
 
 
 def _literal(text: str) -> str:
@@ -266,39 +274,9 @@ def parse_call(
 
 
 def _check_args(spec: ToolSpec, args: dict[str, Any]) -> None:
-    """Required arguments present, no unknown ones, JSON types as the schema says."""
-    props = spec.parameters.get("properties") or {}
-    missing = [k for k in spec.parameters.get("required") or [] if k not in args]
-    unknown = [k for k in args if props and k not in props]
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing)}")
-    if unknown and spec.parameters.get("additionalProperties") is False:
-        problems.append(f"unknown {', '.join(unknown)}")
-    for key, value in args.items():
-        expected = (props.get(key) or {}).get("type")
-        if isinstance(expected, str) and not _is_type(value, expected):
-            problems.append(f"{key} is not {expected}")
-    if problems:
-        msg = f"the model's call of {spec.name!r} does not fit its schema: {'; '.join(problems)}"
-        raise ToolCallError(msg)
-
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "object": (dict,),
-    "array": (list,),
-    "null": (type(None),),
-}
-
-
-def _is_type(value: Any, expected: str) -> bool:
-    kinds = _TYPES.get(expected)
-    if kinds is None:
-        return True
-    if isinstance(value, bool) and expected in ("integer", "number"):
-        return False
-    return isinstance(value, kinds)
+    """The arguments validate against the tool's whole schema (formats checked)."""
+    try:
+        validate(spec.parameters, args, json.dumps(args))
+    except SchemaValidationError as e:
+        msg = f"the model's call of {spec.name!r} does not fit its schema: {'; '.join(e.errors)}"
+        raise ToolCallError(msg) from e

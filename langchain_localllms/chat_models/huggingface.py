@@ -21,7 +21,7 @@ class ChatHuggingFace(LocalChatModel):
     ``backend="openvino"``, ``max_new_tokens=`` ...). Messages go through the chat
     template of the model's tokenizer (``tokenizer.chat_template``), a built-in one
     for its family when it has none (Gemma), or ``chat_template=``. Tool calls and
-    structured output are constrained by xgrammar (install the ``grammar`` extra).
+    structured output are constrained by llguidance.
 
     Setup:
         .. code-block:: bash

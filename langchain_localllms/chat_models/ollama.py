@@ -362,7 +362,9 @@ def _answer_format(options: dict[str, Any]) -> Any:
         msg = "give grammar or a structured-output schema, not both"
         raise ValueError(msg)
     if answer is not None:
-        schema = answer.get("schema") if isinstance(answer, dict) else None
+        schema = (
+            answer.get("constraint") or answer.get("schema") if isinstance(answer, dict) else None
+        )
         return "json" if schema is None else schema
     if grammar is None:
         return None

@@ -4,8 +4,10 @@ A :class:`Grammar` is made from GBNF text, a ``.gbnf`` file, a JSON schema or a
 pydantic model, and is checked when it is made: a syntax error is a ``ValueError``
 naming the line and column, before any native code sees it.
 
-Runtimes take what they can use: llama.cpp and the llama.cpp server take GBNF (and
-the server also a JSON schema), Ollama takes a JSON schema.
+Runtimes take what they can use: llama.cpp and transformers in process compile it
+with llguidance (:mod:`.guidance`; GBNF without a schema goes to llama.cpp's own
+grammar sampler), the llama.cpp server takes GBNF or a JSON schema, Ollama a JSON
+schema. What each enforces of a schema is in :mod:`.schemas`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from typing import Annotated, Any
 import pydantic
 
 from langchain_localllms._imports import require
-from langchain_localllms.errors import GrammarSyntaxError
+from langchain_localllms.errors import GrammarSyntaxError, SchemaValidationError
+from langchain_localllms.grammars.schemas import validate
 
 __all__ = [
     "Grammar",
     "GrammarField",
     "GrammarSyntaxError",
     "check_gbnf",
-    "gbnf_for_xgrammar",
     "json_schema_of",
 ]
 
@@ -48,6 +50,7 @@ class Grammar:
         name: str | None = None,
         template: str | None = None,
         slot: tuple[str, dict[str, Any]] | None = None,
+        lenient: bool = False,
     ) -> None:
         if gbnf is None and schema is None and slot is None:
             msg = "a Grammar needs GBNF text or a JSON schema"
@@ -67,6 +70,9 @@ class Grammar:
         #: its schema: see :meth:`around_schema`.
         self.template = template
         self.slot = slot
+        #: Keywords the engine cannot enforce are left out of the constraint (the
+        #: answer is validated against them): ``strict=False``.
+        self.lenient = lenient
 
     # --------------------------------------------------------------- makers
     @classmethod
@@ -87,8 +93,13 @@ class Grammar:
         return cls(gbnf=p.read_text(encoding="utf-8"), name=str(p))
 
     @classmethod
-    def from_json_schema(cls, schema: dict[str, Any] | str) -> Grammar:
-        """A grammar that only admits JSON matching ``schema``."""
+    def from_json_schema(cls, schema: dict[str, Any] | str, *, strict: bool = True) -> Grammar:
+        """A grammar that only admits JSON matching ``schema``.
+
+        ``strict=False``: keywords the runtime cannot enforce while decoding are left
+        out of the constraint (with a warning) instead of refused; the answer is
+        validated against the whole schema either way.
+        """
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -98,7 +109,7 @@ class Grammar:
         if not isinstance(schema, dict):
             msg = f"a JSON schema must be an object, got {type(schema).__name__}"
             raise TypeError(msg)
-        return cls(schema=schema)
+        return cls(schema=schema, lenient=not strict)
 
     @classmethod
     def from_pydantic(cls, model: type[pydantic.BaseModel]) -> Grammar:
@@ -107,16 +118,22 @@ class Grammar:
 
     @classmethod
     def around_schema(
-        cls, template: str, rule: str, schema: dict[str, Any], *, name: str | None = None
+        cls,
+        template: str,
+        rule: str,
+        schema: dict[str, Any],
+        *,
+        name: str | None = None,
+        strict: bool = True,
     ) -> Grammar:
         """GBNF ``template`` in which the rule ``rule`` is a JSON value of ``schema``.
 
         ``template`` names ``rule`` without defining it (``root ::= "<tag>" value
         "</tag>" | text ...``); it is checked now. The value's own rules come from the
-        runtime's converter when it is used: llama.cpp's for GBNF (:attr:`gbnf`),
-        xgrammar's for Hugging Face models (:meth:`fill`), so neither needs the other.
+        runtime's converter when it is used: llguidance's in process, llama-cpp-
+        python's for GBNF sent to a server (:attr:`gbnf`).
         """
-        return cls(template=template, slot=(rule, schema), name=name)
+        return cls(template=template, slot=(rule, schema), name=name, lenient=not strict)
 
     @classmethod
     def builtin(cls, name: str) -> Grammar:
@@ -163,36 +180,39 @@ class Grammar:
             except Exception as e:
                 msg = f"cannot turn this JSON schema into a grammar: {e}"
                 raise ValueError(msg) from e
-            self._gbnf = rules if self.slot is None else self.fill(rules)
+            if self.slot is not None:  # the value's rules in the template's slot
+                value = re.sub(r"^root\s*::=", f"{self.slot[0]} ::=", rules, count=1, flags=re.M)
+                rules = f"{(self.template or '').rstrip()}\n{value}"
+            self._gbnf = rules
         return self._gbnf
-
-    def fill(self, value_rules: str, *, xgrammar: bool = False) -> str:
-        """The template with ``value_rules`` (a value's grammar, from ``root``) in its slot.
-
-        ``xgrammar``: the rules are in xgrammar's dialect, and so is the result.
-        """
-        assert self.template is not None
-        assert self.slot is not None
-        rule = self.slot[0]
-        template = gbnf_for_xgrammar(self.template, undefined=rule) if xgrammar else self.template
-        value = re.sub(r"^root\s*::=", f"{rule} ::=", value_rules, count=1, flags=re.M)
-        return f"{template.rstrip()}\n{value}"
 
     @property
     def identity(self) -> str:
         """A stable text for cache keys."""
+        lenient = "lenient:" if self.lenient else ""
         if self.slot is not None:
             schema = json.dumps(self.slot[1], sort_keys=True)
-            return f"template:{self.template}\n{self.slot[0]}:schema:{schema}"
+            return f"{lenient}template:{self.template}\n{self.slot[0]}:schema:{schema}"
         if self.schema is not None:
-            return "schema:" + json.dumps(self.schema, sort_keys=True)
+            return f"{lenient}schema:" + json.dumps(self.schema, sort_keys=True)
         return "gbnf:" + (self._gbnf or "")
 
     def parse(self, text: str) -> Any:
-        """Parse constrained output: a pydantic object, JSON, or the text itself."""
+        """Parse constrained output: a pydantic object, JSON, or the text itself.
+
+        JSON of a schema is validated against it (formats checked): an answer that
+        breaks its schema raises :class:`SchemaValidationError` with the raw text.
+        """
         if self.model is not None:
             return self.model.model_validate_json(text)
-        if self.schema is not None or self.name in ("json", "list"):
+        if self.schema is not None:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                msg = f"the answer is not JSON ({e}): {text[:200]!r}"
+                raise SchemaValidationError(msg, raw=text, errors=[str(e)]) from e
+            return validate(self.schema, value, text)
+        if self.name in ("json", "list"):
             return json.loads(text)
         return text
 
@@ -409,21 +429,6 @@ def _parsed(text: str, source: str | None = None) -> _Parser:
     parser = _Parser(text, source)
     parser.parse()
     return parser
-
-
-def gbnf_for_xgrammar(text: str, *, undefined: str | None = None) -> str:
-    """The same grammar in xgrammar's dialect of GBNF.
-
-    llama.cpp allows empty alternatives (``ws ::= | " "``); xgrammar wants ``""``
-    there. The parser that checks the grammar finds them, so literals, character
-    classes and comments are never mistaken for them. ``undefined``: a rule the text
-    names without defining it (a template's slot).
-    """
-    checked = text if undefined is None else f'{text}\n{undefined} ::= "{{}}"\n'
-    out = text
-    for at in reversed(_parsed(checked).empty):
-        out = f'{out[:at]}""{out[at:]}'
-    return out
 
 
 def _optional_grammar(value: Any) -> Grammar | None:

@@ -155,8 +155,9 @@ class HuggingFacePipeline(LocalLLM):
     """Seed torch's generator before each call, for repeatable sampling."""
     grammar: GrammarField = None
     """Constrain the output: GBNF text, a :class:`Grammar`, a JSON schema dict or a
-    pydantic model class (decoded through xgrammar)."""
+    pydantic model class (decoded through an llguidance mask)."""
 
+    _schema_engine: ClassVar[str | None] = "llguidance"
     _call_fields: ClassVar[tuple[str, ...]] = (
         "max_new_tokens", "temperature", "do_sample", "top_k", "top_p",
         "repetition_penalty", "seed", "grammar",

@@ -162,6 +162,7 @@ class LlamaCpp(LocalLLM):
     grammar_path: str | Path | None = None
     """A ``.gbnf`` file to constrain the output with."""
 
+    _schema_engine: ClassVar[str | None] = "llguidance"
     _call_fields: ClassVar[tuple[str, ...]] = (
         "max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
         "repeat_penalty", "frequency_penalty", "presence_penalty", "mirostat_mode",

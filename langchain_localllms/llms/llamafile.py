@@ -11,6 +11,7 @@ from langchain_localllms._base import Call
 from langchain_localllms._http import Framing
 from langchain_localllms._usage import Tally
 from langchain_localllms.grammars import Grammar, GrammarField, json_schema_of
+from langchain_localllms.grammars.schemas import prepare
 from langchain_localllms.llms._server import ServerLLM
 from langchain_localllms.prompts import ModelInfo
 
@@ -158,6 +159,8 @@ class Llamafile(ServerLLM):
     """More fields for the ``/completion`` body (e.g. ``dry_multiplier``), sent as
     they are. Fields of this class go in their own arguments."""
 
+    _schema_engine: ClassVar[str | None] = "llama.cpp server"
+    _tool_schema_engine: ClassVar[str | None] = "llama-cpp-python converter"
     _call_fields: ClassVar[tuple[str, ...]] = (
         *_SAMPLING, "grammar", "json_schema", "id_slot",
     )  # fmt: skip
@@ -204,7 +207,17 @@ class Llamafile(ServerLLM):
         if grammar is None:
             return {}
         g: Grammar = grammar
-        return {"json_schema": g.schema} if g.schema is not None else {"grammar": g.gbnf}
+        if g.slot is not None and g.template and g.template.split() == ["root", "::=", g.slot[0]]:
+            # The answer is the slot's JSON and nothing else (a forced call without
+            # tags): the server's converter, which enforces integer bounds, takes it.
+            g = Grammar.from_json_schema(g.slot[1], strict=not g.lenient)
+        if g.schema is None:
+            return {"grammar": g.gbnf}
+        # What the server's converter cannot enforce is refused, or left out where the
+        # grammar is lenient (strict=False): the answer is validated against it after.
+        return {
+            "json_schema": prepare(g.schema, "llama.cpp server", strict=not g.lenient, warn=False)
+        }
 
     def _body(self, prompt: str, call: Call) -> dict[str, Any]:
         p = call.params

@@ -479,6 +479,7 @@ class Ollama(ServerLLM):
     _served_asked: bool = PrivateAttr(default=False)
     _others: dict[str, frozenset[str]] = PrivateAttr(default_factory=dict)
 
+    _schema_engine: ClassVar[str | None] = "llama.cpp server"
     _call_fields: ClassVar[tuple[str, ...]] = (*_OPTIONS, *_TOP_LEVEL, "truncate")
     _call_only: ClassVar[tuple[str, ...]] = ("grammar",)  # taken as format=, per call
     _temperature_field: ClassVar[str | None] = "temperature"

@@ -86,7 +86,7 @@ class GPT4AllEngine:
                     decode(token_id, response)
                     if not emit("".join(texts)):
                         return False
-                    return counts["decoded"] < p["max_tokens"]
+                    return bool(counts["decoded"] < p["max_tokens"])
 
                 return raw
 

@@ -37,8 +37,9 @@ from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel, current_cancel
 from langchain_localllms._stop import StopStream
 from langchain_localllms._usage import Tally
-from langchain_localllms.errors import ContextOverflowError
+from langchain_localllms.errors import ContextOverflowError, GrammarSyntaxError
 from langchain_localllms.grammars import Grammar
+from langchain_localllms.grammars.guidance import Guide, advance, mask_logits
 
 _log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class LlamaCppEngine:
         arch = llm.metadata.get("general.architecture", "")
         self.sliding_window = f"{arch}.attention.sliding_window" in llm.metadata
         self._grammars: dict[str, Any] = {}
+        self._grammar_lock = threading.Lock()
         #: Prompt tokens evaluated per llama_decode, in chunks at fixed positions (one
         #: physical batch each): see prefill_chunks and PREFILL_CHUNK.
         self.chunk = max(1, min(llm.n_batch, int(llm.context_params.n_ubatch), PREFILL_CHUNK))
@@ -151,13 +153,38 @@ class LlamaCppEngine:
             return _special_tokens(llm._model)
 
     def grammar(self, g: Grammar) -> Any:
-        """The ``LlamaGrammar`` of ``g`` (compiled once)."""
-        cached = self._grammars.get(g.identity)
-        if cached is None:
-            llama_grammar = require("llama_cpp.llama_grammar", feature="LlamaCpp")
-            cached = llama_grammar.LlamaGrammar.from_string(g.gbnf, verbose=self.verbose)
-            self._grammars[g.identity] = cached
-        return cached
+        """The constraint of ``g``, compiled once.
+
+        A JSON schema (or a GBNF template around one) is compiled by llguidance
+        (:class:`~langchain_localllms.grammars.guidance.Guide`): llama-cpp-python's
+        converter ignores bounds and writes GBNF that llama.cpp's parser may refuse.
+        GBNF goes to llama.cpp's own grammar sampler once llama.cpp's parser has read
+        it here: a grammar it refuses is a ``GrammarSyntaxError``, where llama-cpp-
+        python would add the missing sampler to its chain and crash the process.
+        """
+        with self._grammar_lock:
+            cached = self._grammars.get(g.identity)
+            if cached is None:
+                with self.shared.use() as llm:
+                    if g.schema is not None or g.slot is not None:
+                        cached = Guide(self.lltokenizer(), g)
+                    else:
+                        cached = _llama_grammar(llm, g.gbnf, verbose=self.verbose)
+                self._grammars[g.identity] = cached
+            return cached
+
+    def lltokenizer(self) -> Any:
+        """Llguidance's view of this model's vocabulary (built once: ~1 s for 262k tokens)."""
+        tokenizer = self._grammars.get("\0tokenizer")
+        if tokenizer is None:
+            guidance = require("llguidance.llamacpp", feature="JSON schemas")
+            with self.shared.use() as llm, warnings.catch_warnings():
+                # It reads each token's attributes through a function llama-cpp-python
+                # marks deprecated: one DeprecationWarning per token (262,144 on Gemma).
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tokenizer = guidance.lltokenizer_from_vocab(llm._model.vocab)
+            self._grammars["\0tokenizer"] = tokenizer
+        return tokenizer
 
     def pieces(
         self,
@@ -268,12 +295,23 @@ class LlamaCppEngine:
                     if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                         tally.finish_reason = "stop"
                         break
-                    n += 1
-                    generated.append(token)
+                    # Tokens the grammar leaves no choice for are taken, not sampled,
+                    # and decoded with this one in one llama_decode.
+                    step = [token, *_forced(sampler, limit - n - 1)]
                     # One item per token, text or not, so the reader counts exactly
                     # the tokens it took.
-                    if not emit((1, decoder.decode(llm.detokenize([token])))) or n >= limit:
+                    gone = False
+                    for t in step:
+                        n += 1
+                        generated.append(t)
+                        if not emit((1, decoder.decode(llm.detokenize([t])))):
+                            gone = True
+                            break
+                    if gone or n >= limit:
                         break
+                    # A call that fast-forwarded is not moved: the batch would evaluate
+                    # its tokens again one per decode, not as they were.
+                    movable = movable and len(step) == 1
                     if movable and n <= REPLAY_MAX and self._batcher.wanted():
                         # Calls wait to join a batch: this one moves there and leads it.
                         moved = _Sequence(tokens, limit, [], "", p, grammar, reuse, parallel)
@@ -290,7 +328,7 @@ class LlamaCppEngine:
                             decoder = moved.decoder
                             break
                         movable = False
-                    llm.eval([token])
+                    llm.eval(step)
                 tail = decoder.decode(b"", final=True)
                 if tail:
                     emit((0, tail))
@@ -465,8 +503,80 @@ def _close_model(slots_box: list[_Slots], close_model: Callable[[], Any]) -> Non
     close_model()
 
 
+def _llama_grammar(llm: Any, gbnf: str, *, verbose: bool) -> Any:
+    """A ``LlamaGrammar`` of ``gbnf`` that llama.cpp's own parser has accepted."""
+    llama_cpp = require("llama_cpp")
+    llama_grammar = require("llama_cpp.llama_grammar", feature="LlamaCpp")
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, gbnf.encode(), b"root")
+    if not sampler:
+        msg = (
+            "llama.cpp cannot parse this grammar (its parser's message is on stderr; "
+            "a repetition like x{0,100} inside another repetition is a usual cause: "
+            "llama.cpp refuses grammars that expand past its limit)"
+        )
+        raise GrammarSyntaxError(msg)
+    llama_cpp.llama_sampler_free(sampler)
+    return llama_grammar.LlamaGrammar.from_string(gbnf, verbose=verbose)
+
+
+class _Guided:
+    """A sampler chain that first masks the tokens llguidance does not allow next.
+
+    Sampling, penalties and seed are the chain's, as ``Llama.generate`` builds it;
+    the mask comes first, so they only ever see allowed tokens.
+    """
+
+    def __init__(self, llm: Any, p: Mapping[str, Any], guide: Guide) -> None:
+        self.matcher = guide.matcher()
+
+        def mask(_ids: Any, logits: Any) -> Any:
+            mask_logits(self.matcher, logits)
+            return logits
+
+        self.chain = _chain(llm, p, None, [mask])
+        self.sampler = self.chain.sampler
+
+    def sample(self, ctx: Any, index: int = -1) -> int:
+        token: int = self.chain.sample(ctx, index)
+        advance(self.matcher, token)
+        return token
+
+    def forced(self, room: int) -> list[int]:
+        """Up to ``room`` tokens the grammar forces next, taken as if sampled.
+
+        Guidance's fast-forward (SGLang's jump-forward): a key or punctuation the
+        schema fixes is not sampled token by token. The chain sees them too (its
+        penalties count them).
+        """
+        tokens: list[int] = list(self.matcher.compute_ff_tokens())[:room]
+        for token in tokens:
+            advance(self.matcher, token)
+            self.chain.accept(token)
+        return tokens
+
+    def close(self) -> None:
+        self.chain.close()
+
+
+#: The most tokens fast-forwarded at once (one llama_decode holds them and the last
+#: sampled token, within any n_batch).
+FORCED_MAX = 32
+
+
+def _forced(sampler: Any, room: int) -> list[int]:
+    """The tokens the grammar allows no choice for next (at most ``room``); none unguided."""
+    room = min(room, FORCED_MAX)
+    return sampler.forced(room) if isinstance(sampler, _Guided) and room > 0 else []
+
+
 def _sampler(llm: Any, p: Mapping[str, Any], grammar: Any) -> Any:
     """A sampler chain for one sequence, built exactly as ``Llama.generate`` builds it."""
+    if isinstance(grammar, Guide):
+        return _Guided(llm, p, grammar)
+    return _chain(llm, p, grammar, None)
+
+
+def _chain(llm: Any, p: Mapping[str, Any], grammar: Any, processors: Any) -> Any:
     llama_cpp = require("llama_cpp")
     llm.set_seed(p["seed"] if p["seed"] >= 0 else llama_cpp.LLAMA_DEFAULT_SEED)
     return llm._init_sampler(
@@ -482,6 +592,7 @@ def _sampler(llm: Any, p: Mapping[str, Any], grammar: Any) -> Any:
         mirostat_tau=p["mirostat_tau"],
         mirostat_eta=p["mirostat_eta"],
         grammar=grammar,
+        logits_processor=processors,
     )
 
 
@@ -635,6 +746,9 @@ class _Sequence:
         self.seq = -1
         self.n_past = 0
         self.last = -1
+        #: Tokens the grammar forced after ``last`` (fast-forwarded: emitted, not
+        #: sampled), decoded with it at the next step.
+        self.forced: list[int] = []
         self.sampler: Any = None
         #: Set by the batch loop: no more pieces come (done, failed or given up).
         self.finished = False
@@ -1104,10 +1218,21 @@ class _Batcher:
         cores), the rows are decoded one by one instead.
         """
         width = self.engine.rows_per_decode or len(active)
-        step = list(active)
+        step = [j for j in active if not j.forced]
         if self._slower_together(min(width, len(step))):
             width = 1
-        self.widest = max(self.widest, len(step))
+        self.widest = max(self.widest, len(active))
+        for job in [j for j in active if j.forced]:
+            # Fast-forwarded tokens: decoded with the last sampled one in one decode of
+            # this sequence alone, as a single call decodes them.
+            tokens = [job.last, *job.forced]
+            slots.decode([(t, job.n_past + i, job.seq, i == len(tokens) - 1)
+                          for i, t in enumerate(tokens)])  # fmt: skip
+            job.n_past += len(tokens)
+            job.forced = []
+            self._advance(llm, slots, job, len(tokens) - 1, free)
+            if job.finished:
+                active.remove(job)
         for first in range(0, len(step), width):
             part = step[first : first + width]
             t0 = time.perf_counter()
@@ -1148,25 +1273,29 @@ class _Batcher:
     ) -> None:
         """Sample the job's next token from row ``index`` of the last decode."""
         llama_cpp = require("llama_cpp")
-        token = llama_cpp.llama_sampler_sample(job.sampler.sampler, slots.context.ctx, index)
+        token = job.sampler.sample(slots.context, index)
         if job.tally.first_piece is None:
             job.tally.first_piece = time.perf_counter()
         done = llama_cpp.llama_vocab_is_eog(llm._model.vocab, token)
-        text = None
+        texts: list[str] = []
         if done:
             job.tally.finish_reason = "stop"
         else:
-            text = job.decoder.decode(llm.detokenize([token]))
-            job.tally.completion_tokens += 1
-            job.watch.push(text)
-            job.last = token
-            done = job.tally.completion_tokens >= job.limit or job.watch.stopped
-            if job.sink is not None and not job.sink((1, text)):
-                job.gone = True
-                done = True
+            room = job.limit - job.tally.completion_tokens - 1
+            tokens = [token, *_forced(job.sampler, room)]
+            for t in tokens:
+                text = job.decoder.decode(llm.detokenize([t]))
+                texts.append(text)
+                job.tally.completion_tokens += 1
+                job.watch.push(text)
+                if job.sink is not None and not job.sink((1, text)):
+                    job.gone = True
+                    break
+            job.last, job.forced = token, tokens[1:]
+            done = job.gone or job.tally.completion_tokens >= job.limit or job.watch.stopped
         with self.cond:
-            if text is not None and job.sink is None:
-                job.pieces.append(text)
+            if job.sink is None:
+                job.pieces.extend(texts)
             if done:
                 job.tally.completion_ms = (time.perf_counter() - job.tally.first_piece) * 1e3
                 if job.sink is None:

@@ -31,6 +31,8 @@ def in_process(temperature: str = "temperature", max_tokens: str = "max_tokens")
 CALL_VALUE = "270M base model: the forced call validates; its argument (3) is written as 3e15"
 NO_CALL = "270M base model does not choose to call a tool unforced"
 LONG_TEXT = "270M base model: the free-text argument runs past max_tokens"
+#: A cut answer is refused (OutputParserException), never returned as a shorter object.
+CUT_JSON = "270M base model: a string of the JSON runs past max_tokens; the cut JSON is refused"
 
 #: The judgement tests of a real-model suite, by name.
 JUDGEMENT = {

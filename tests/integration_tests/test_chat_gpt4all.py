@@ -60,6 +60,12 @@ class TestChatGPT4AllStandard(_ChatGPT4All, OneLoad, Expected, ChatModelIntegrat
             "test_structured_few_shot_examples",
             "test_structured_output[pydantic]",
             "test_structured_output_async[pydantic]",
+            # These passed before answers were validated: the noise was returned, cut
+            # to a dict by a lenient parser.
+            "test_structured_output[typeddict]",
+            "test_structured_output_async[typeddict]",
+            "test_structured_output[json_schema]",
+            "test_structured_output_async[json_schema]",
             "test_structured_output_pydantic_2_v1",
             "test_structured_output_optional_param",
             "test_json_mode",

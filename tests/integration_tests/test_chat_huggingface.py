@@ -24,7 +24,7 @@ import modelkit
 from langchain_localllms import ChatHuggingFace, HuggingFacePipeline
 from tests.integration_tests.chat_suite import JUDGEMENT, Expected, in_process
 
-pytest.importorskip("xgrammar")
+pytest.importorskip("llguidance")
 
 
 #: Standard tests whose answers are free text only. Gemma-3-270M (base) never ends a
@@ -76,7 +76,7 @@ class GemmaChatSuite(_ChatHuggingFace, Expected, ChatModelIntegrationTests):
     # The grammar forces calls that validate; which values, whether to call at all
     # with tool_choice="auto", and how long a free-text argument runs, is the model's
     # judgement: greedy Gemma-3-270M (base, repetition penalty 1.1) writes the forced
-    # call's 3 as 300 (under xgrammar's schema rules; as 3e15 through llama.cpp),
+    # call's 3 as 300 (measured under xgrammar's schema rules; as 3e15 through llama.cpp),
     # answers the weather question in text and writes a customer description past
     # max_tokens (measured, torch and OpenVINO alike).
     XFAIL = {

@@ -15,10 +15,10 @@ import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.tools import tool
 from langchain_tests.unit_tests import ChatModelUnitTests
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 pytest.importorskip("optimum.intel")
-pytest.importorskip("xgrammar")
+pytest.importorskip("llguidance")
 
 import modelkit
 from langchain_localllms import ChatHuggingFace, HuggingFacePipeline
@@ -92,6 +92,18 @@ def test_a_forced_call_and_structured_output_always_validate():
     assert call["name"] == "get_weather"
     assert isinstance(call["args"]["city"], str)
     assert isinstance(chat.with_structured_output(Person).invoke("Anna is 31."), Person)
+
+
+def test_bounded_fields_validate_on_openvino():
+    # pydantic's ge/le, enforced by the llguidance mask (the torch backend's test is in
+    # test_structured_output.py).
+    class Review(BaseModel):
+        rating: int = Field(ge=1, le=5)
+        title: str = Field(max_length=40)
+
+    chat = ChatHuggingFace(llm=gemma_ov(), max_tokens=48)
+    review = chat.with_structured_output(Review).invoke("Review the film Alien in JSON.")
+    assert 1 <= review.rating <= 5
 
 
 def test_the_tiny_models_template_comes_from_its_tokenizer():

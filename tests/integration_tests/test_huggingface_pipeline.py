@@ -498,8 +498,8 @@ def test_malformed_grammars_are_value_errors(gemma):
         gemma.invoke("x", grammar='root ::= "unclosed')
     with pytest.raises(ValueError, match="line 1:"):
         HuggingFacePipeline(pipeline=gemma.pipeline, grammar='root ::= "unclosed')
-    # Token references are llama.cpp syntax that xgrammar does not read.
-    with pytest.raises(ValueError, match="xgrammar cannot compile"):
+    # Token references are llama.cpp syntax that llguidance does not read.
+    with pytest.raises(ValueError, match="llguidance cannot"):
         gemma.invoke("x", grammar="root ::= <[1]>")
 
 

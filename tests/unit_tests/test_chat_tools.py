@@ -18,6 +18,7 @@ from langchain_localllms.chat_models._tools import (
     parse_call,
     resolve_choice,
 )
+from tests.unit_tests.matching import accepts, guide
 
 
 @tool
@@ -79,9 +80,9 @@ def test_text_is_no_call_unless_one_was_forced():
         ('{"arguments": {}}', "no tool name"),
         ('{"name": "multiply", "arguments": {}}', "not a bound tool"),
         ('{"name": "add", "arguments": [1, 2]}', "not an object"),
-        ('{"name": "add", "arguments": {"a": 2}}', "missing b"),
-        ('{"name": "add", "arguments": {"a": "2", "b": 3}}', "a is not integer"),
-        ('{"name": "add", "arguments": {"a": true, "b": 3}}', "a is not integer"),
+        ('{"name": "add", "arguments": {"a": 2}}', "'b' is a required property"),
+        ('{"name": "add", "arguments": {"a": "2", "b": 3}}', "/a: '2' is not of type 'integer'"),
+        ('{"name": "add", "arguments": {"a": true, "b": 3}}', "/a: True is not of type 'integer'"),
     ],
 )
 def test_an_invalid_call_is_a_typed_error_that_says_why(text, problem):
@@ -114,32 +115,37 @@ def test_a_template_with_hermes_tags_gets_calls_between_them():
     assert [syntax.starts(t) for t in ("<tool", "<b>", "Hi", "  ")] == [None, False, False, None]
 
 
-def test_xgrammar_fills_a_call_grammar_without_llama_cpp(monkeypatch):
-    # Hugging Face models (torch or OpenVINO) constrain calls with xgrammar alone: the
-    # call's rules come from xgrammar's own schema converter, never llama.cpp's.
-    xgr = pytest.importorskip("xgrammar")
-    from xgrammar.testing import _is_grammar_accept_string as accepts
-
+def test_llguidance_compiles_a_call_grammar_without_llama_cpp(monkeypatch):
+    # The in-process runtimes (llama.cpp, torch, OpenVINO) constrain calls with
+    # llguidance alone: the call's rules never come from llama-cpp-python's converter.
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp fails
     monkeypatch.setitem(sys.modules, "llama_cpp.llama_grammar", None)
     for syntax in (PLAIN, HERMES):
-        forced = call_grammar(SPECS[1:], forced=True, syntax=syntax)
-        value = xgr.Grammar.from_json_schema(json.dumps(forced.slot[1]), any_whitespace=False)
-        grammar = xgr.Grammar.from_ebnf(forced.fill(str(value), xgrammar=True))
+        forced = guide(call_grammar(SPECS[1:], forced=True, syntax=syntax))
         call = '{"name": "add", "arguments": {"a": 2, "b": 40}}'
         if syntax is HERMES:
             call = f"<tool_call>\n{call}\n</tool_call>"
-        assert accepts(grammar, call)
-        assert not accepts(grammar, call.replace("40", '"40"'))  # b is an integer
-        assert not accepts(grammar, call.replace("add", "get_weather"))  # not bound
-    either = call_grammar(SPECS, forced=False)
-    value = xgr.Grammar.from_json_schema(json.dumps(either.slot[1]), any_whitespace=False)
-    grammar = xgr.Grammar.from_ebnf(either.fill(str(value), xgrammar=True))
-    assert accepts(grammar, "Sunny, I think.")
-    assert accepts(grammar, '{"name": "get_weather", "arguments": {"location": "Rome"}}')
-    assert not accepts(grammar, '{"name": "get_weather", "arguments": {}}')  # location
+        assert accepts(forced, call)
+        assert not accepts(forced, call.replace("40", '"40"'))  # b is an integer
+        assert not accepts(forced, call.replace("add", "get_weather"))  # not bound
+    either = guide(call_grammar(SPECS, forced=False))
+    assert accepts(either, "Sunny, I think.")
+    assert accepts(either, '{"name": "get_weather", "arguments": {"location": "Rome"}}')
+    assert not accepts(either, '{"name": "get_weather", "arguments": {}}')  # location
     with pytest.raises(ImportError, match=r"llama-cpp-python.*\[llamacpp\]"):
-        forced.gbnf  # noqa: B018  (llama.cpp's GBNF needs llama.cpp's converter)
+        call_grammar(SPECS, forced=True).gbnf  # noqa: B018  (GBNF for a server)
+
+
+def test_bounded_arguments_are_enforced_in_calls():
+    # A tool argument with ge/le: llama-cpp-python's converter ignored the bounds.
+    spec = ToolSpec("rate", "", {"type": "object", "properties": {"stars": {
+        "type": "integer", "minimum": 1, "maximum": 5}}, "required": ["stars"]})  # fmt: skip
+    forced = guide(call_grammar([spec], forced=True))
+    assert accepts(forced, '{"name": "rate", "arguments": {"stars": 5}}')
+    assert not accepts(forced, '{"name": "rate", "arguments": {"stars": 0}}')
+    assert not accepts(forced, '{"name": "rate", "arguments": {"stars": 6}}')
+    with pytest.raises(ToolCallError, match="stars"):
+        parse_call('{"name": "rate", "arguments": {"stars": 9}}', [spec], forced=True)
 
 
 def test_specs_keep_the_schema_a_template_and_a_grammar_need():

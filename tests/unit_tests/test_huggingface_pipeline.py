@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -11,16 +10,17 @@ from types import SimpleNamespace
 import pytest
 
 from langchain_localllms._detok import IncrementalDetokenizer
-from langchain_localllms.grammars import Grammar, gbnf_for_xgrammar
+from langchain_localllms.grammars import Grammar
 from langchain_localllms.llms import huggingface_pipeline as hp
 from langchain_localllms.runtimes.huggingface import options as hf_options
+from tests.unit_tests.matching import accepts, guide
 
 
 # ------------------------------------------------------------------ options
 def test_module_import_loads_no_runtime():
     code = (
         "import sys; import langchain_localllms.llms.huggingface_pipeline;"
-        "heavy = [m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules];"
+        "heavy = [m for m in ('torch', 'transformers', 'llguidance') if m in sys.modules];"
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -167,25 +167,10 @@ def test_text_that_decodes_differently_later_is_not_emitted_twice():
 
 
 # ---------------------------------------------------------- grammar dialect
-@pytest.mark.parametrize(
-    ("gbnf", "expected"),
-    [
-        ('root ::= ws\nws ::= | " "', 'root ::= ws\nws ::= ""| " "'),
-        ('root ::= "a" ( | "b")', 'root ::= "a" ( ""| "b")'),
-        ('root ::= ("a" | )', 'root ::= ("a" | "")'),
-        ('root ::= "a" |', 'root ::= "a" |""'),
-        ('root ::= "|" | [|(] # ( |\n', 'root ::= "|" | [|(] # ( |\n'),
-        ('root ::= "\\"|" ws\nws ::= [ ]?', 'root ::= "\\"|" ws\nws ::= [ ]?'),
-    ],
-)
-def test_empty_alternatives_become_empty_strings(gbnf, expected):
-    assert gbnf_for_xgrammar(gbnf) == expected
-
-
 @pytest.mark.parametrize("name", ["json", "list"])
-def test_builtin_grammars_read_in_xgrammar(name):
-    xgr = pytest.importorskip("xgrammar")
-    xgr.Grammar.from_ebnf(gbnf_for_xgrammar(Grammar.builtin(name).gbnf))
+def test_builtin_grammars_read_in_llguidance(name):
+    sample = {"json": '{"a": [1, "b"]}', "list": '["a", "b"]'}[name]
+    assert accepts(guide(Grammar.builtin(name)), sample)
 
 
 # ------------------------------------------------------------ model sources
@@ -235,12 +220,9 @@ def test_a_cached_hub_id_loads_offline(tmp_path):
 
 
 def test_integers_without_bounds_get_llama_cpps_16_digits():
-    # xgrammar's own converter lets a model write digits until its token limit; the
-    # schema it gets bounds them as llama.cpp's converter does, and keeps given bounds.
-    xgr = pytest.importorskip("xgrammar")
-    from xgrammar.testing import _is_grammar_accept_string as accepts
-
-    from langchain_localllms.runtimes.huggingface.generation import bounded_integers
+    # Unbounded, a model can write digits until its token limit; the constraint
+    # bounds them as llama.cpp's converter does, and keeps given bounds.
+    from langchain_localllms.grammars.guidance import bounded_integers
 
     schema = {
         "type": "object",
@@ -253,9 +235,7 @@ def test_integers_without_bounds_get_llama_cpps_16_digits():
     bounded = bounded_integers(schema)
     assert bounded["properties"]["age"]["minimum"] == 0
     assert bounded["properties"]["kind"] == {"const": {"type": "integer"}}
-    grammar = xgr.Grammar.from_json_schema(
-        json.dumps(bounded["properties"]["days"]), any_whitespace=False
-    )
-    assert accepts(grammar, "9" * 16)
-    assert accepts(grammar, "-3")
-    assert not accepts(grammar, "1" + "0" * 16)
+    days = guide(Grammar.from_json_schema({"type": "integer"}))
+    assert accepts(days, "9" * 16)
+    assert accepts(days, "-3")
+    assert not accepts(days, "9" * 17)

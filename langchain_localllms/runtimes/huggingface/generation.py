@@ -7,13 +7,12 @@
   by the shared stop handling;
 * a batch runs as one left-padded ``generate`` call, with the same per-prompt token
   limits and answers as single calls;
-* ``grammar=`` constrains decoding through an xgrammar logits mask.
+* ``grammar=`` constrains decoding through an llguidance logits mask.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,34 +24,9 @@ from langchain_localllms._imports import require
 from langchain_localllms._native import Emit, SharedModel, current_cancel
 from langchain_localllms._usage import Tally
 from langchain_localllms.errors import ContextOverflowError
-from langchain_localllms.grammars import Grammar, gbnf_for_xgrammar
+from langchain_localllms.grammars import Grammar
+from langchain_localllms.grammars.guidance import Guide, advance
 from langchain_localllms.runtimes.huggingface.options import Settings
-
-#: The largest integer a grammar lets a model write where its schema sets no bound:
-#: 16 digits, as llama.cpp's schema converter allows. xgrammar's allows any number of
-#: digits, and a small model can write zeros until its token limit (measured: Gemma-
-#: 3-270M's forced ``"days": 1000...`` ran past 64 tokens), which never parses.
-INTEGER_BOUND = 10**16 - 1
-
-
-#: Schema keywords whose values are JSON values, not schemas.
-_VALUES = frozenset({"const", "enum", "default", "examples"})
-
-
-def bounded_integers(schema: Any) -> Any:
-    """``schema`` with every integer that has no bound given +-:data:`INTEGER_BOUND`."""
-    if isinstance(schema, list):
-        return [bounded_integers(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: v if k in _VALUES else bounded_integers(v) for k, v in schema.items()}
-    types = out.get("type")
-    if types == "integer" or (isinstance(types, list) and "integer" in types):
-        if "minimum" not in out and "exclusiveMinimum" not in out:
-            out["minimum"] = -INTEGER_BOUND
-        if "maximum" not in out and "exclusiveMaximum" not in out:
-            out["maximum"] = INTEGER_BOUND
-    return out
 
 
 # ------------------------------------------------------------- decode, stop
@@ -101,15 +75,16 @@ def _make_stopper(
 
 
 def _make_grammar_mask(
-    torch: Any, transformers: Any, xgr: Any, compiled: Any, ended: _Ended
+    torch: Any, transformers: Any, guide: Guide, vocab: int, ended: _Ended
 ) -> Any:
     """A logits processor that lets through only tokens the grammar allows.
 
-    One xgrammar matcher per row; rows that already ended are left alone (their
+    One llguidance matcher per row; rows that already ended are left alone (their
     tokens are padding). Applied before temperature/top-k/top-p, so sampling only
     sees allowed tokens.
     """
-    vocab = compiled.tokenizer_info.vocab_size
+    fill = require("llguidance.torch", feature="grammar= with HuggingFacePipeline")
+    fill_row = fill.fill_next_token_bitmask
 
     class GrammarMask(transformers.LogitsProcessor):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -119,21 +94,17 @@ def _make_grammar_mask(
         def __call__(self, input_ids: Any, scores: Any) -> Any:
             rows = input_ids.shape[0]
             if not self.matchers:
-                self.matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
-                self.bitmask = xgr.allocate_token_bitmask(rows, vocab)
+                self.matchers = [guide.matcher() for _ in range(rows)]
+                self.bitmask = torch.full((rows, (vocab + 31) // 32), -1, dtype=torch.int32)
             else:
                 for row, matcher in enumerate(self.matchers):
-                    if matcher.is_terminated() or row in ended.at:
-                        continue
-                    token = int(input_ids[row, -1])
-                    if not matcher.accept_token(token):
-                        msg = f"the grammar rejected token {token}, which it had allowed"
-                        raise RuntimeError(msg)
+                    if row not in ended.at and not matcher.is_stopped():
+                        advance(matcher, int(input_ids[row, -1]))
             for row, matcher in enumerate(self.matchers):
-                if matcher.is_terminated() or row in ended.at:
+                if row in ended.at:
                     self.bitmask[row] = -1  # all allowed: the row is padding now
-                else:
-                    matcher.fill_next_token_bitmask(self.bitmask, row)
+                else:  # a finished grammar allows only the end of the answer
+                    fill_row(matcher, self.bitmask, row)
             bits = self.bitmask.to(scores.device)
             shifts = torch.arange(32, device=scores.device, dtype=torch.int32)
             allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(rows, -1)
@@ -189,38 +160,33 @@ class HFEngine:
         with self.shared.use(), self.tok_lock:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def compiled(self, g: Grammar) -> Any:
-        """The xgrammar-compiled form of ``g`` for this tokenizer (cached)."""
+    def compiled(self, g: Grammar) -> Guide:
+        """``g`` compiled by llguidance for this tokenizer (cached)."""
         hit = self._grammars.get(g.identity)
         if hit is not None:
-            return hit
-        xgr = require("xgrammar", feature="grammar= with HuggingFacePipeline")
-        compiler = self._grammars.get("\0compiler")
-        if compiler is None:
+            return hit  # type: ignore[no-any-return]
+        tokenizer = self._grammars.get("\0tokenizer")
+        if tokenizer is None:
+            hf = require("llguidance.hf", feature="grammar= with HuggingFacePipeline")
             with self.tok_lock:
-                info = xgr.TokenizerInfo.from_huggingface(
-                    self.tokenizer,
-                    vocab_size=self.model.config.get_text_config().vocab_size,
-                    stop_token_ids=sorted(self.eos_ids({})),
-                )
-            compiler = xgr.GrammarCompiler(info)
-            self._grammars["\0compiler"] = compiler
-        try:
-            if g.schema is not None:
-                schema = json.dumps(bounded_integers(g.schema))
-                compiled = compiler.compile_json_schema(schema, any_whitespace=False)
-            elif g.slot is not None:  # the value's rules from xgrammar's own converter
-                schema = json.dumps(bounded_integers(g.slot[1]))
-                value = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
-                compiled = compiler.compile_grammar(g.fill(str(value), xgrammar=True))
-            else:
-                compiled = compiler.compile_grammar(gbnf_for_xgrammar(g.gbnf))
-        except RuntimeError as e:
-            detail = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-            msg = f"xgrammar cannot compile the grammar {g!r}: {detail}"
-            raise ValueError(msg) from e
-        self._grammars[g.identity] = compiled
-        return compiled
+                try:
+                    tokenizer = hf.from_tokenizer(
+                        self.tokenizer,
+                        n_vocab=self.vocab_size,
+                        eos_token=sorted(self.eos_ids({})) or None,
+                    )
+                except ValueError as e:
+                    msg = f"grammars need a fast (Rust) tokenizer for this model: {e}"
+                    raise ValueError(msg) from e
+            self._grammars["\0tokenizer"] = tokenizer
+        guide = Guide(tokenizer, g)
+        self._grammars[g.identity] = guide
+        return guide
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits."""
+        return int(self.model.config.get_text_config().vocab_size)
 
     def eos_ids(self, gen: Mapping[str, Any]) -> frozenset[int]:
         """The ids that end an answer: the call's ``eos_token_id``, else the model's."""
@@ -375,9 +341,10 @@ class _Job:
         )  # fmt: skip
         processors = list(settings.processors)
         if settings.grammar is not None:
-            compiled = engine.compiled(settings.grammar)
-            xgr = require("xgrammar", feature="grammar= with HuggingFacePipeline")
-            mask = _make_grammar_mask(self.torch, transformers, xgr, compiled, self.ended)
+            guide = engine.compiled(settings.grammar)
+            mask = _make_grammar_mask(
+                self.torch, transformers, guide, engine.vocab_size, self.ended
+            )
             processors.insert(0, mask)
         self.processors = transformers.LogitsProcessorList(processors)
         self.criteria = transformers.StoppingCriteriaList([stopper, *settings.criteria])
