@@ -78,7 +78,7 @@ from langchain_localllms.chat_models._tools import (
 )
 from langchain_localllms.errors import SchemaValidationError
 from langchain_localllms.grammars import Grammar
-from langchain_localllms.grammars.schemas import named, prepare, validate
+from langchain_localllms.grammars.schemas import load, named, prepare
 from langchain_localllms.prompts import ChatTemplateError, ModelInfo, chat_format, render_chat
 
 __all__ = ["LocalChatModel"]
@@ -263,7 +263,7 @@ class LocalChatModel(BaseChatModel):
             else:
                 instruction = tools_preamble(allowed, forced=mode == "forced")
             if self._constrains:
-                bare = mode == "forced" and not syntax.open
+                bare = mode == "forced" and not syntax.open  # a JSON-schema grammar
                 kwargs["grammar"] = call_grammar(
                     self._enforceable(allowed, strict, bare_call=bare),
                     forced=mode == "forced",
@@ -1080,15 +1080,13 @@ def _json_parser(schema: Any, json_schema: dict[str, Any] | None) -> Runnable[An
     return _ValidatedJson(answer_schema=json_schema)
 
 
-def _whole_json(result: list[Any]) -> tuple[Any, str]:
+def _whole_json(result: list[Any], schema: dict[str, Any] | None = None) -> Any:
+    """The whole answer's JSON (validated against ``schema``): OutputParserException."""
     raw = result[0].text
     try:
-        return json.loads(raw), raw
-    except json.JSONDecodeError as e:
-        msg = (
-            f"the answer is not complete JSON ({e}; was it cut at the token limit?): {raw[:200]!r}"
-        )
-        raise OutputParserException(msg, llm_output=raw) from e
+        return load(raw, schema)
+    except SchemaValidationError as e:
+        raise OutputParserException(str(e), llm_output=raw) from e
 
 
 class _ValidatedJson(JsonOutputParser):
@@ -1099,13 +1097,7 @@ class _ValidatedJson(JsonOutputParser):
     def parse_result(self, result: list[Any], *, partial: bool = False) -> Any:
         if partial:
             return super().parse_result(result, partial=True)
-        value, raw = _whole_json(result)
-        if self.answer_schema is None:
-            return value
-        try:
-            return validate(self.answer_schema, value, raw)
-        except SchemaValidationError as e:
-            raise OutputParserException(str(e), llm_output=raw) from e
+        return _whole_json(result, self.answer_schema)
 
 
 class _ValidatedPydantic(PydanticOutputParser):  # type: ignore[type-arg]
@@ -1114,8 +1106,9 @@ class _ValidatedPydantic(PydanticOutputParser):  # type: ignore[type-arg]
     def parse_result(self, result: list[Any], *, partial: bool = False) -> Any:
         if partial:
             return super().parse_result(result, partial=True)
-        value, _ = _whole_json(result)
-        return self._parse_obj(value)  # pydantic v2 or v1; a typed OutputParserException
+        return self._parse_obj(
+            _whole_json(result)
+        )  # pydantic v2 or v1; a typed OutputParserException
 
 
 def _first_call_args(message: AIMessage) -> dict[str, Any]:

@@ -161,8 +161,10 @@ def call_grammar(
 ) -> Grammar:
     """The grammar of an answer: a valid call of one of ``tools``, in ``syntax``.
 
-    Unless ``forced``, free text that does not start like a call is allowed too.
-    ``strict=False``: keywords the runtime cannot enforce are left out (see
+    Unless ``forced``, free text that does not start like a call is allowed too. A
+    forced call without tags is the call's JSON and nothing else: its grammar is the
+    call's JSON schema (a server's converter takes it as it is). ``strict=False``:
+    keywords the runtime cannot enforce are left out (see
     :meth:`Grammar.from_json_schema`).
     """
     schema: dict[str, Any] = (
@@ -172,6 +174,8 @@ def call_grammar(
         [*([_literal(syntax.open)] if syntax.open else []), "json-call",
          *([_literal(syntax.close)] if syntax.close else [])]
     )  # fmt: skip
+    if forced and not syntax.open:
+        return Grammar.from_json_schema(schema, strict=strict)
     if forced:
         return Grammar.around_schema(
             f"root ::= {tagged}\n", "json-call", schema, name="tool call", strict=strict

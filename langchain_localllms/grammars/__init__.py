@@ -21,8 +21,8 @@ from typing import Annotated, Any
 import pydantic
 
 from langchain_localllms._imports import require
-from langchain_localllms.errors import GrammarSyntaxError, SchemaValidationError
-from langchain_localllms.grammars.schemas import validate
+from langchain_localllms.errors import GrammarSyntaxError
+from langchain_localllms.grammars.schemas import load
 
 __all__ = [
     "Grammar",
@@ -206,12 +206,7 @@ class Grammar:
         if self.model is not None:
             return self.model.model_validate_json(text)
         if self.schema is not None:
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                msg = f"the answer is not JSON ({e}): {text[:200]!r}"
-                raise SchemaValidationError(msg, raw=text, errors=[str(e)]) from e
-            return validate(self.schema, value, text)
+            return load(text, self.schema)
         if self.name in ("json", "list"):
             return json.loads(text)
         return text

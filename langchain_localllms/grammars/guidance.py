@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_localllms._imports import require
 from langchain_localllms.errors import GrammarSyntaxError, SchemaNotSupported
-from langchain_localllms.grammars.schemas import check_depth, subschemas
+from langchain_localllms.grammars.schemas import check_depth, modern_bounds, rewritten
 
 if TYPE_CHECKING:
     from langchain_localllms.grammars import Grammar
@@ -38,24 +38,15 @@ _FEATURE = "grammars and JSON schemas with this runtime"
 #: 1000...`` ran past 64 tokens), which never parses.
 INTEGER_BOUND = 10**16 - 1
 
-#: Schema keywords whose values are JSON values, not schemas.
-_VALUES = frozenset({"const", "enum", "default", "examples"})
 
-
-def bounded_integers(schema: Any) -> Any:
-    """``schema`` with every integer that has no bound given +-:data:`INTEGER_BOUND`."""
-    if isinstance(schema, list):
-        return [bounded_integers(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: v if k in _VALUES else bounded_integers(v) for k, v in schema.items()}
-    types = out.get("type")
+def bounded_integers(node: dict[str, Any]) -> None:
+    """Give an integer schema without a bound +-:data:`INTEGER_BOUND` (a node edit)."""
+    types = node.get("type")
     if types == "integer" or (isinstance(types, list) and "integer" in types):
-        if "minimum" not in out and "exclusiveMinimum" not in out:
-            out["minimum"] = -INTEGER_BOUND
-        if "maximum" not in out and "exclusiveMaximum" not in out:
-            out["maximum"] = INTEGER_BOUND
-    return out
+        if "minimum" not in node and "exclusiveMinimum" not in node:
+            node["minimum"] = -INTEGER_BOUND
+        if "maximum" not in node and "exclusiveMaximum" not in node:
+            node["maximum"] = INTEGER_BOUND
 
 
 def _llg() -> Any:
@@ -71,42 +62,46 @@ def _limits() -> Any:
     return _llg().LLParserLimits(max_grammar_size=200_000)
 
 
-def closed_objects(schema: Any) -> Any:
-    """``schema`` whose objects admit only their listed properties, where it says nothing.
+def closed_object(node: dict[str, Any]) -> None:
+    """Let an object admit only its listed properties, where it says nothing (a node edit).
 
     An answer then holds the fields asked for (Gemma-3-270M, given an open ``Person``,
     went on with ``"salary": 1000...`` until its token limit), as llama.cpp's converter
     and xgrammar's strict mode write objects. It only narrows: every answer still
-    validates. A schema with ``allOf`` is left open (closing one of its parts would
-    refuse the others' properties).
+    validates. :func:`_styled` leaves a schema with ``allOf`` open (closing one of its
+    parts would refuse the others' properties).
     """
-    if not isinstance(schema, dict) or "allOf" in json.dumps(schema):
-        return schema
-    closed = json.loads(json.dumps(schema))
-    for _, node in subschemas(closed):
-        open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
-        if isinstance(node.get("properties"), dict) and not any(k in node for k in open_keys):
-            node["additionalProperties"] = False
-    return closed
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if isinstance(node.get("properties"), dict) and not any(k in node for k in open_keys):
+        node["additionalProperties"] = False
 
 
 def _styled(schema: dict[str, Any], lenient: bool, closed: bool = True) -> dict[str, Any]:
     """The schema as llguidance compiles it.
 
-    Written as :data:`JSON_STYLE`, integers bounded, objects closed
-    (:func:`closed_objects`), and (``lenient``) keywords it cannot enforce left out.
+    Written as :data:`JSON_STYLE`, with draft 4's bounds as 2020-12 writes them,
+    integers bounded, objects closed (:func:`closed_object`), and (``lenient``)
+    keywords it cannot enforce left out.
     """
+    close = closed and "allOf" not in json.dumps(schema)
+
+    def edit(node: dict[str, Any]) -> None:
+        modern_bounds(node)
+        bounded_integers(node)
+        if close:
+            closed_object(node)
+
     # Relaxed (strict=False): keywords llguidance does not implement are left out, and
     # oneOf is read as anyOf (an answer that matches two branches fails validation).
     style = {**JSON_STYLE, **({"lenient": True, "coerce_one_of": True} if lenient else {})}
-    bounded = bounded_integers(closed_objects(schema) if closed else schema)
-    return {**bounded, "x-guidance": {**style, **schema.get("x-guidance", {})}}
+    edited = rewritten(schema, edit)
+    return {**edited, "x-guidance": {**style, **schema.get("x-guidance", {})}}
 
 
 def grammar_text(g: Grammar, *, closed: bool = True) -> str:
     """``g`` as an llguidance grammar: a JSON schema, a GBNF template around one, GBNF.
 
-    ``closed``: objects admit only their listed properties (:func:`closed_objects`).
+    ``closed``: objects admit only their listed properties (:func:`closed_object`).
     """
     llg = _llg()
     if g.schema is not None or g.slot is not None:
@@ -163,7 +158,6 @@ class Guide:
             raise SchemaNotSupported(
                 f"llguidance cannot enforce this grammar: {detail}{_RELAX}", runtime="llguidance"
             )
-        self.grammar = g
 
     def matcher(self) -> Any:
         """A fresh matcher at the grammar's start."""

@@ -18,7 +18,7 @@ import copy
 import functools
 import json
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from langchain_localllms._imports import require
@@ -29,8 +29,11 @@ __all__ = [
     "GUIDANCE",
     "SERVER",
     "check_depth",
+    "load",
+    "modern_bounds",
     "named",
     "prepare",
+    "rewritten",
     "subschemas",
     "unsupported",
     "validate",
@@ -85,11 +88,11 @@ GUIDANCE_FORMATS = frozenset(
     {"date", "time", "date-time", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uuid"}
 )
 
-#: Engine name -> the keywords it enforces.
 #: What llama-cpp-python's Python converter enforces (GBNF made on the client, for
 #: ChatLlamafile's tool calls): no numeric bounds (its source: "TODO: support minimum").
 CLIENT_GBNF = SERVER - {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 
+#: Engine name -> the keywords it enforces.
 ENGINES: Mapping[str, frozenset[str]] = {
     "llguidance": GUIDANCE,
     "llama.cpp server": SERVER,
@@ -178,7 +181,7 @@ def prepare(
     _check_schema(schema)
     if engine is None:
         return schema
-    checked: dict[str, Any] = _modern_bounds(schema)
+    checked: dict[str, Any] = rewritten(schema, modern_bounds)
     found = unsupported(checked, engine)
     if not found:
         return checked
@@ -205,27 +208,28 @@ def prepare(
     return relaxed
 
 
-def _modern_bounds(schema: dict[str, Any]) -> dict[str, Any]:
+def rewritten(schema: Any, edit: Callable[[dict[str, Any]], None]) -> Any:
+    """A copy of ``schema`` with ``edit`` applied to each schema in it (itself first).
+
+    The user's schema is left as it is: it is what answers are validated against.
+    """
+    copied = copy.deepcopy(schema)
+    for _, node in subschemas(copied):
+        edit(node)
+    return copied
+
+
+def modern_bounds(node: dict[str, Any]) -> None:
     """Draft 4's ``"maximum": 5, "exclusiveMaximum": true`` as 2020-12 writes it.
 
-    Engines read ``exclusiveMaximum`` as a number; the user's schema (and its
-    validation, by its own draft) is left as it is.
+    Engines read ``exclusiveMaximum`` as a number.
     """
-    if not any(
-        isinstance(node.get(k), bool)
-        for _, node in subschemas(schema)
-        for k in ("exclusiveMinimum", "exclusiveMaximum")
-    ):
-        return schema
-    modern = copy.deepcopy(schema)
-    for _, node in subschemas(modern):
-        for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-            flag = node.get(exclusive)
-            if isinstance(flag, bool):
-                del node[exclusive]
-                if flag and bound in node:
-                    node[exclusive] = node.pop(bound)
-    return modern
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        flag = node.get(exclusive)
+        if isinstance(flag, bool):
+            del node[exclusive]
+            if flag and bound in node:
+                node[exclusive] = node.pop(bound)
 
 
 def named(schema: dict[str, Any], default: str = "Answer") -> dict[str, Any]:
@@ -286,6 +290,23 @@ def _validator(key: str) -> Any:
         msg = f"not a valid JSON schema at {where}: {e.message}"
         raise SchemaNotSupported(msg) from None
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def load(raw: str, schema: dict[str, Any] | None = None) -> Any:
+    """The JSON value of a whole answer, validated against ``schema`` where one is given.
+
+    Raises :class:`SchemaValidationError` (with ``raw``) for text that is not complete
+    JSON (an answer cut at the token limit is never read as a shorter value) or a
+    value that breaks the schema.
+    """
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        msg = (
+            f"the answer is not complete JSON ({e}; was it cut at the token limit?): {raw[:200]!r}"
+        )
+        raise SchemaValidationError(msg, raw=raw, errors=[str(e)]) from e
+    return value if schema is None else validate(schema, value, raw)
 
 
 def validate(schema: dict[str, Any], value: Any, raw: str) -> Any:

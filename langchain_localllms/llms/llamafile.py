@@ -207,10 +207,6 @@ class Llamafile(ServerLLM):
         if grammar is None:
             return {}
         g: Grammar = grammar
-        if g.slot is not None and g.template and g.template.split() == ["root", "::=", g.slot[0]]:
-            # The answer is the slot's JSON and nothing else (a forced call without
-            # tags): the server's converter, which enforces integer bounds, takes it.
-            g = Grammar.from_json_schema(g.slot[1], strict=not g.lenient)
         if g.schema is None:
             return {"grammar": g.gbnf}
         # What the server's converter cannot enforce is refused, or left out where the

@@ -28,7 +28,7 @@ def guide(grammar: Grammar, *, closed: bool = True) -> Guide:
     """The grammar as the in-process runtimes compile it, over byte tokens.
 
     ``closed=False``: objects without ``additionalProperties`` stay open, as JSON
-    Schema reads them (the runtimes close them: see ``closed_objects``).
+    Schema reads them (the runtimes close them: see ``closed_object``).
     """
     return Guide(BYTES, grammar, closed=closed)
 

@@ -95,6 +95,8 @@ def test_the_grammars_are_gbnf_that_allow_a_call_or_text():
     forced = call_grammar(SPECS[1:], forced=True)
     either = call_grammar(SPECS, forced=False)
     assert "root ::=" in forced.gbnf
+    # A forced call without tags is the call's JSON: a schema a server takes as it is.
+    assert forced.schema == SPECS[1].call_schema()
     assert either.gbnf.startswith("root ::= json-call | text")
     assert "add" in forced.gbnf
     assert "get_weather" not in forced.gbnf  # only the chosen tool can be called

@@ -223,6 +223,7 @@ def test_integers_without_bounds_get_llama_cpps_16_digits():
     # Unbounded, a model can write digits until its token limit; the constraint
     # bounds them as llama.cpp's converter does, and keeps given bounds.
     from langchain_localllms.grammars.guidance import bounded_integers
+    from langchain_localllms.grammars.schemas import rewritten
 
     schema = {
         "type": "object",
@@ -232,7 +233,9 @@ def test_integers_without_bounds_get_llama_cpps_16_digits():
             "kind": {"const": {"type": "integer"}},  # a value, not a schema
         },
     }
-    bounded = bounded_integers(schema)
+    bounded = rewritten(schema, bounded_integers)
+    assert bounded["properties"]["days"]["maximum"] == 10**16 - 1
+    assert "maximum" not in schema["properties"]["days"]  # the user's schema is untouched
     assert bounded["properties"]["age"]["minimum"] == 0
     assert bounded["properties"]["kind"] == {"const": {"type": "integer"}}
     days = guide(Grammar.from_json_schema({"type": "integer"}))
