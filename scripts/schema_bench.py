@@ -35,6 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_adapters import llama_vocab
+
 import modelkit
 from langchain_localllms.errors import SchemaNotSupported
 from langchain_localllms.grammars import Grammar
@@ -65,7 +67,7 @@ def gemma_tokenizer() -> Any:
     from llguidance.llamacpp import lltokenizer_from_vocab
 
     llm = llama_cpp.Llama(str(modelkit.path("gemma-gguf")), vocab_only=True, verbose=False)
-    return llm, lltokenizer_from_vocab(llm._model.vocab)
+    return llm, lltokenizer_from_vocab(llama_vocab(llm))
 
 
 def compile_all(data: Path) -> dict[str, Any]:

@@ -12,21 +12,16 @@ one prompt and turns the answer into an ``AIMessage``.
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from operator import itemgetter
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
-from langchain_core.exceptions import OutputParserException
-from langchain_core.globals import get_llm_cache
-from langchain_core.language_models import BaseChatModel, BaseLanguageModel, LanguageModelInput
+from langchain_core.language_models import BaseLanguageModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import (
     agenerate_from_stream,
@@ -34,80 +29,56 @@ from langchain_core.language_models.chat_models import (
 )
 from langchain_core.messages import (
     AIMessage,
-    AIMessageChunk,
     BaseMessage,
-    SystemMessage,
-    ToolMessage,
 )
-from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import tool_call_chunk
-from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import (
-    ChatGeneration,
     ChatGenerationChunk,
     ChatResult,
-    Generation,
-    LLMResult,
 )
 from langchain_core.runnables import (
     Runnable,
-    RunnableConfig,
     RunnableLambda,
     RunnableMap,
     RunnablePassthrough,
 )
-from langchain_core.runnables.config import get_config_list
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, PrivateAttr, model_validator
 
-from langchain_localllms._base import UNTIL, LocalLLM
-from langchain_localllms._native import run_in_thread
+from langchain_localllms.chat_models._answers import (
+    THINK,
+    AnswerReader,
+    ChatTurn,
+    as_message,
+    opens_thought,
+)
+from langchain_localllms.chat_models._batching import BATCH, BatchedChat
+from langchain_localllms.chat_models._messages import add_system, render_turns, template_turn
+from langchain_localllms.chat_models._structured import (
+    first_call_args,
+    json_instruction,
+    json_parser,
+)
 from langchain_localllms.chat_models._tools import (
-    PLAIN,
     CallSyntax,
-    ToolCallError,
     ToolSpec,
     call_grammar,
+    call_mode,
     call_prefix,
     object_prefix,
-    parse_call,
-    render_call,
     resolve_choice,
     tools_preamble,
 )
-from langchain_localllms.errors import SchemaValidationError
+from langchain_localllms.core.threads import run_in_thread
 from langchain_localllms.grammars import Grammar
-from langchain_localllms.grammars.schemas import load, named, prepare
-from langchain_localllms.prompts import ChatTemplateError, ModelInfo, chat_format, render_chat
+from langchain_localllms.grammars.schemas import named, prepare
+from langchain_localllms.llms._base import LocalLLM, standard_names
+from langchain_localllms.prompts import ModelInfo, chat_format
 
 __all__ = ["LocalChatModel"]
 
-#: The batched ``generate``/``agenerate`` in progress (see ``LocalChatModel.batch``).
-_BATCH: ContextVar[_Batch | None] = ContextVar("localllms_chat_batch", default=None)
 
-
-@dataclass
-class _Turn:
-    """What one call sends to the LLM, and how to read the answer."""
-
-    prompt: str
-    options: dict[str, Any] = field(default_factory=dict)
-    tools: list[ToolSpec] = field(default_factory=list)
-    mode: str = "none"  # "none", "auto" (text or a call), "forced" (a call)
-    syntax: CallSyntax = PLAIN
-    #: What the prompt ends with and the answer starts with: the opening of a call
-    #: or of a JSON object, written for runtimes that cannot constrain decoding.
-    prefix: str = ""
-    #: The answer is one JSON value and nothing after it (no grammar ends it).
-    json_only: bool = False
-    #: The schema of a JSON-only answer that is not a call (its fields end it early).
-    schema: dict[str, Any] | None = None
-    #: The template opened a thought (``<think>``) in the generation prompt.
-    thinking: bool = False
-
-
-class LocalChatModel(BaseChatModel):
+class LocalChatModel(BatchedChat):
     """Base class of the chat models of this package (not used directly)."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
@@ -139,7 +110,7 @@ class LocalChatModel(BaseChatModel):
         """Arguments that are not the chat class's own build its LLM (``llm``)."""
         if not isinstance(values, dict) or "llm" in values:
             return values
-        values = _standard_names(cls._llm_class, values)
+        values = standard_names(cls._llm_class, values)
         own = cls._own_fields()
         chat = {k: v for k, v in values.items() if k in own}
         chat["llm"] = cls._llm_class(**{k: v for k, v in values.items() if k not in own})
@@ -233,93 +204,107 @@ class LocalChatModel(BaseChatModel):
     @property
     def _constrains(self) -> bool:
         """Whether the runtime constrains decoding with grammars."""
-        return "grammar" in {*self.llm._call_fields, *self.llm._call_only}
+        return "grammar" in {*self.llm.call_fields, *self.llm.call_only}
 
-    def _turn(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> _Turn:
+    def prepare(self, messages: list[BaseMessage], **options: Any) -> ChatTurn:
+        """What a call with these messages and options would send the LLM.
+
+        The rendered prompt, the LLM's options (a grammar among them) and how its answer
+        is read.
+
+        Nothing is generated; use it to see the prompt the model's template makes.
+        """
+        return self._turn(messages, options)
+
+    def _turn(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> ChatTurn:
+        """One call's prompt and options, and how to read its answer."""
+        kwargs = standard_names(type(self.llm), kwargs)  # max_tokens per call, too
         tools = [ToolSpec.of(t) for t in kwargs.pop("tools", None) or []]
         choice = kwargs.pop("tool_choice", None)
         answer_format = kwargs.pop("response_format", None)
         strict = kwargs.pop("strict", None)
-        if choice not in (None, "auto", "none") and not tools:
-            msg = f"tool_choice={choice!r} needs tools: bind them with bind_tools(tools, ...)"
-            raise ValueError(msg)
-        mode, allowed = resolve_choice(tools, choice)
-        if not tools:
-            mode = "none"
+        mode, allowed = call_mode(tools, choice)
         if "grammar" in kwargs and (mode != "none" or answer_format is not None):
             msg = "give tools or grammar, not both: the tools' grammar constrains the answer"
             raise ValueError(msg)
         template, info = self._template()
         syntax = CallSyntax.of(template)
-        turns = [_as_dict(m, template, syntax) for m in messages]
-        prefix, json_only = "", False
-        answer_schema: dict[str, Any] | None = None
-        instruction = None
-        forced: list[ToolSpec] = []
+        turn = ChatTurn(prompt="", options=kwargs, tools=allowed, mode=mode, syntax=syntax)
         extra = self._thinking_switch(template)
+        instruction = None
         if mode != "none":
-            if syntax.native:  # the template offers them in its own words
-                extra["tools"] = [t.openai() for t in allowed]
-            else:
-                instruction = tools_preamble(allowed, forced=mode == "forced")
-            if self._constrains:
-                bare = mode == "forced" and not syntax.open  # a JSON-schema grammar
-                kwargs["grammar"] = call_grammar(
-                    self._enforceable(allowed, strict, bare_call=bare),
-                    forced=mode == "forced",
-                    syntax=syntax,
-                    strict=strict is not False,
-                )
-            elif mode == "forced":  # write the call's opening: the model goes on from it
-                forced = allowed
-                json_only = True
+            instruction = self._offer_tools(turn, strict, extra)
         elif answer_format is not None:
-            schema = answer_format.get("schema")
-            if self._constrains:
-                constraint = answer_format.get("constraint") or schema
-                kwargs["grammar"] = (
-                    Grammar.builtin("json")
-                    if constraint is None
-                    else Grammar.from_json_schema(
-                        constraint, strict=answer_format.get("strict") is not False
-                    )
-                )
-            else:
-                instruction = _json_instruction(schema)
-                prefix, json_only = object_prefix(schema), True
-                answer_schema = schema
+            instruction = self._ask_json(turn, answer_format)
+        turns = [template_turn(m, template, syntax) for m in messages]
         if instruction is not None:
-            if turns and turns[0]["role"] == "system":
-                turns[0] = {**turns[0], "content": f"{turns[0]['content']}\n\n{instruction}"}
-            else:
-                turns.insert(0, {"role": "system", "content": instruction})
-        prompt = _render(template, turns, info, extra)
-        if forced:
-            prefix = syntax.open + call_prefix(self._chosen(prompt + syntax.open, forced))
+            add_system(turns, instruction)
+        prompt = render_turns(template, turns, info, extra)
+        if mode == "forced" and turn.json_only:  # no grammar: write the call's opening
+            turn.prefix = syntax.open + call_prefix(self._chosen(prompt + syntax.open, allowed))
+        prompt, turn.thinking = self._thought(template, prompt)
+        turn.prompt = prompt + turn.prefix
+        return turn
+
+    def _offer_tools(
+        self, turn: ChatTurn, strict: bool | None, extra: dict[str, Any]
+    ) -> str | None:
+        """Offer the turn's tools and constrain its answer to a call where the runtime can.
+
+        Returns the instruction that offers them, where the template cannot.
+        """
+        forced = turn.mode == "forced"
+        instruction = None
+        if turn.syntax.native:  # the template offers them in its own words
+            extra["tools"] = [t.openai() for t in turn.tools]
+        else:
+            instruction = tools_preamble(turn.tools, forced=forced)
+        if self._constrains:
+            bare = forced and not turn.syntax.open  # a JSON-schema grammar
+            turn.options["grammar"] = call_grammar(
+                self._enforceable(turn.tools, strict, bare_call=bare),
+                forced=forced,
+                syntax=turn.syntax,
+                strict=strict is not False,
+            )
+        elif forced:  # the call's opening is written: the model goes on from it
+            turn.json_only = True
+        return instruction
+
+    def _ask_json(self, turn: ChatTurn, answer_format: dict[str, Any]) -> str | None:
+        """Constrain the answer to the structured-output schema, or ask for it.
+
+        Where the runtime cannot constrain, returns the instruction that asks for the
+        schema, and the answer starts as its object.
+        """
+        schema = answer_format.get("schema")
+        if self._constrains:
+            constraint = answer_format.get("constraint") or schema
+            turn.options["grammar"] = (
+                Grammar.builtin("json")
+                if constraint is None
+                else Grammar.from_json_schema(
+                    constraint, strict=answer_format.get("strict") is not False
+                )
+            )
+            return None
+        turn.prefix, turn.json_only, turn.schema = object_prefix(schema), True, schema
+        return json_instruction(schema)
+
+    def _thought(self, template: str, prompt: str) -> tuple[str, bool]:
+        """The prompt, and whether the answer starts inside a thought (``<think>``)."""
         opened = prompt.rstrip().endswith(THINK[0])  # the template opened the thought
-        thinking = opened
         if (
             self.reasoning is False
-            and _opens_thought(template)
+            and opens_thought(template)
             and "enable_thinking" not in template
         ):
             # A template that always thinks: close the thought before it starts.
             head = prompt.rstrip()[: -len(THINK[0])] if opened else prompt
-            prompt = f"{head}{THINK[0]}\n\n{THINK[1]}\n\n"
-            thinking = False
-        return _Turn(
-            prompt=prompt + prefix,
-            options=kwargs,
-            tools=allowed,
-            mode=mode,
-            syntax=syntax,
-            prefix=prefix,
-            json_only=json_only,
-            schema=answer_schema,
-            thinking=thinking,
-        )
+            return f"{head}{THINK[0]}\n\n{THINK[1]}\n\n", False
+        return prompt, opened
 
-    def _schema_engine(self, *, tools: bool = False, bare_call: bool = False) -> str | None:
+    def _constraint_engine(self, *, tools: bool = False, bare_call: bool = False) -> str | None:
         """The engine that enforces this runtime's schemas (None: it does not constrain).
 
         ``tools``: of tool calls, which may differ (ChatLlamafile writes their grammar on
@@ -328,16 +313,16 @@ class LocalChatModel(BaseChatModel):
         """
         if not self._constrains:
             return None
-        engine: str | None = self.llm._schema_engine
+        engine: str | None = self.llm.schema_engine
         if tools and not bare_call:
-            return self.llm._tool_schema_engine or engine
+            return self.llm.tool_schema_engine or engine
         return engine
 
     def _enforceable(
         self, tools: list[ToolSpec], strict: bool | None, *, bare_call: bool
     ) -> list[ToolSpec]:
         """``tools`` as the engine enforces them: refused, or relaxed (``strict=False``)."""
-        engine = self._schema_engine(tools=True, bare_call=bare_call)
+        engine = self._constraint_engine(tools=True, bare_call=bare_call)
         if engine is None:
             return tools
         relaxed = [
@@ -354,7 +339,7 @@ class LocalChatModel(BaseChatModel):
             return tools
         opening = call_prefix(tools)  # '{"name": "'
         names = [f'{opening}{t.name}"' for t in tools]
-        choice = self.llm._choose(prompt, names)
+        choice = self.llm.choose(prompt, names)
         return tools if choice is None else [tools[choice]]
 
     def _thinking_switch(self, template: str) -> dict[str, Any]:
@@ -363,7 +348,7 @@ class LocalChatModel(BaseChatModel):
             return {}
         if "enable_thinking" in template:
             return {"enable_thinking": self.reasoning}
-        if self.reasoning and not _opens_thought(template):
+        if self.reasoning and not opens_thought(template):
             msg = (
                 "reasoning=True: this model's chat template has no thinking switch "
                 "(enable_thinking) and no <think> block, so it cannot be told to think"
@@ -380,7 +365,7 @@ class LocalChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         turn = self._turn(messages, dict(kwargs))
-        reader = _Reader(turn, self.llm._ls_model_name())
+        reader = AnswerReader(turn, self.llm.ls_model_name())
         yield from reader.start()
         pieces = self.llm._stream(turn.prompt, stop=stop, **reader.options())
         try:
@@ -399,7 +384,7 @@ class LocalChatModel(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         # Off the event loop: the template may be asked of a server, a choice scored.
         turn = await run_in_thread(lambda: self._turn(messages, dict(kwargs)))
-        reader = _Reader(turn, self.llm._ls_model_name())
+        reader = AnswerReader(turn, self.llm.ls_model_name())
         for out in reader.start():
             yield out
         pieces = self.llm._astream(turn.prompt, stop=stop, **reader.options())
@@ -419,13 +404,13 @@ class LocalChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        batch = _BATCH.get()
+        batch = BATCH.get()
         if batch is not None and batch.owner is self:
             result = batch.take(messages, lambda: batch.run(self._batch_results))
             if result is not None:
                 return result
         result = generate_from_stream(self._stream(messages, stop=stop, **kwargs))
-        return _as_message(result)
+        return as_message(result)
 
     async def _agenerate(
         self,
@@ -434,127 +419,13 @@ class LocalChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        batch = _BATCH.get()
+        batch = BATCH.get()
         if batch is not None and batch.owner is self:
             result = await batch.atake(messages, self._abatch_results)
             if result is not None:
                 return result
         result = await agenerate_from_stream(self._astream(messages, stop=stop, **kwargs))
-        return _as_message(result)
-
-    # ---------------------------------------------------------------- batches
-    # LangChain runs a chat model's batch one conversation at a time (``generate``
-    # loops, ``agenerate`` gathers). Here the whole batch goes to the LLM at once, as
-    # its own batch does (natively batched, or concurrent requests to a server): the
-    # first conversation's ``_generate`` runs them all, the others take their answers.
-    # Callbacks and runs stay LangChain's, one per conversation.
-    def batch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[AIMessage]:
-        """Answer every input; the LLM runs them as one batch where it can."""
-        configs = self._one_config(inputs, config, return_exceptions)
-        if configs is None:
-            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        conversations = [self._convert_input(i).to_messages() for i in inputs]
-        result = self.generate(conversations, **_run_options(configs), **kwargs)
-        return [cast("AIMessage", cast("ChatGeneration", g[0]).message) for g in result.generations]
-
-    async def abatch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[AIMessage]:
-        """Answer every input; the LLM runs them as one batch where it can."""
-        configs = self._one_config(inputs, config, return_exceptions)
-        if configs is None:
-            return await super().abatch(
-                inputs, config, return_exceptions=return_exceptions, **kwargs
-            )
-        conversations = [self._convert_input(i).to_messages() for i in inputs]
-        result = await self.agenerate(conversations, **_run_options(configs), **kwargs)
-        return [cast("AIMessage", cast("ChatGeneration", g[0]).message) for g in result.generations]
-
-    def _one_config(
-        self, inputs: list[Any], config: Any, return_exceptions: bool
-    ) -> RunnableConfig | None:
-        """The batch's one config, or None when it must run input by input."""
-        if len(inputs) < 2 or return_exceptions:  # failures per input: LangChain's way
-            return None
-        configs = get_config_list(config, len(inputs))
-        first = configs[0]
-        same = all(
-            c.get("callbacks") == first.get("callbacks")
-            and c.get("tags") == first.get("tags")
-            and c.get("metadata") == first.get("metadata")
-            and c.get("run_name") == first.get("run_name")
-            and c.get("run_id") is None
-            for c in configs
-        )
-        return first if same else None
-
-    def generate(self, messages: list[list[BaseMessage]], *args: Any, **kwargs: Any) -> LLMResult:
-        if not self._batched(messages):
-            return super().generate(messages, *args, **kwargs)
-        token = _BATCH.set(_Batch(self, messages, args, kwargs))
-        try:
-            return super().generate(messages, *args, **kwargs)
-        finally:
-            _BATCH.reset(token)
-
-    async def agenerate(
-        self, messages: list[list[BaseMessage]], *args: Any, **kwargs: Any
-    ) -> LLMResult:
-        if not self._batched(messages):
-            return await super().agenerate(messages, *args, **kwargs)
-        token = _BATCH.set(_Batch(self, messages, args, kwargs))
-        try:
-            return await super().agenerate(messages, *args, **kwargs)
-        finally:
-            _BATCH.reset(token)
-
-    def _batched(self, messages: list[list[BaseMessage]]) -> bool:
-        """Whether a ``generate`` of these conversations goes to the LLM as one batch.
-
-        Not when a cache is asked first: a hit would leave its batched answer unused.
-        """
-        if len(messages) < 2:
-            return False
-        return self.cache is False or (self.cache is None and get_llm_cache() is None)
-
-    def _batch_turns(self, batch: _Batch) -> tuple[list[_Turn], list[str] | None]:
-        stop, options = batch.call_options()
-        return [self._turn(m, dict(options)) for m in batch.messages], stop
-
-    def _batch_results(self, batch: _Batch) -> list[ChatResult | Exception]:
-        turns, stop = self._batch_turns(batch)
-        rows = self.llm._outcomes([t.prompt for t in turns], stop, [None] * len(turns),
-                                  **turns[0].options)  # fmt: skip
-        return [self._answer(t, row) for t, row in zip(turns, rows, strict=True)]
-
-    async def _abatch_results(self, batch: _Batch) -> list[ChatResult | Exception]:
-        turns, stop = self._batch_turns(batch)
-        rows = await self.llm._aoutcomes([t.prompt for t in turns], stop, [None] * len(turns),
-                                         **turns[0].options)  # fmt: skip
-        return [self._answer(t, row) for t, row in zip(turns, rows, strict=True)]
-
-    def _answer(self, turn: _Turn, row: Generation | Exception) -> ChatResult | Exception:
-        """One conversation's answer from its LLM generation, as a stream would read."""
-        if isinstance(row, Exception):
-            return row
-        reader = _Reader(turn, self.llm._ls_model_name())
-        try:
-            chunks = [*reader.start(), *reader.feed(row.text, row.generation_info), *reader.end()]
-        except Exception as e:
-            return e
-        return _as_message(generate_from_stream(iter(chunks)))
+        return as_message(result)
 
     # ------------------------------------------------------ tools and schemas
     def bind_tools(
@@ -580,7 +451,7 @@ class LocalChatModel(BaseChatModel):
         mode, _ = resolve_choice(specs, tool_choice)  # an unknown choice fails here
         # A forced call is checked as one without tags (the template, read at the call,
         # decides; a call in tags is checked again then).
-        engine = self._schema_engine(tools=True, bare_call=mode == "forced")
+        engine = self._constraint_engine(tools=True, bare_call=mode == "forced")
         for spec in specs:
             prepare(spec.parameters, engine, strict=strict)
         if strict is not None:
@@ -628,29 +499,10 @@ class LocalChatModel(BaseChatModel):
             traced["schema"] = convert_to_openai_tool(
                 named(schema) if isinstance(schema, dict) else schema
             )
-        parser: Runnable[Any, Any]
-        bound: Runnable[LanguageModelInput, Any]
         if method == "function_calling":
-            spec = ToolSpec.of(schema)
-            bound = self.bind_tools(
-                [schema], tool_choice=spec.name, strict=strict, ls_structured_output_format=traced
-            )
-            parser = RunnableLambda(_first_call_args)
-            if isinstance(schema, type) and is_basemodel_subclass(schema):
-                parser = parser | RunnableLambda(schema.model_validate)  # type: ignore[attr-defined]
+            bound, parser = self._forced_call(schema, strict, traced)
         else:
-            json_schema = None
-            if schema is not None:
-                json_schema = schema if isinstance(schema, dict) else convert_to_json_schema(schema)
-            answer = {
-                "schema": json_schema,
-                "constraint": None
-                if json_schema is None
-                else prepare(json_schema, self._schema_engine(), strict=strict),
-                "strict": strict,
-            }
-            bound = self.bind(response_format=answer, ls_structured_output_format=traced)
-            parser = _json_parser(schema, json_schema)
+            bound, parser = self._json_answer(schema, strict, traced)
         if not include_raw:
             return bound | parser
         parsed = RunnablePassthrough.assign(
@@ -660,482 +512,34 @@ class LocalChatModel(BaseChatModel):
         )
         return RunnableMap(raw=bound) | parsed
 
+    # ------------------------------------------------------------------ batches
 
-def _standard_names(llm_class: type[LocalLLM], values: dict[str, Any]) -> dict[str, Any]:
-    """LangChain's standard ``max_tokens`` / ``temperature`` in the runtime's own names.
-
-    (``max_length`` / ``sampling_temperature`` on CTranslate2, ``temp`` on GPT4All.)
-    """
-    values = dict(values)
-    for standard, own in (
-        ("max_tokens", llm_class._max_tokens_field),
-        ("temperature", llm_class._temperature_field),
-    ):
-        if standard in values and standard not in llm_class.model_fields and own:
-            if own in values:
-                msg = f"give {standard} or {own} (the same setting), not both"
-                raise ValueError(msg)
-            values[own] = values.pop(standard)
-    return values
-
-
-# ------------------------------------------------------------------ batches
-class _Batch:
-    """The conversations of one ``generate``, answered by one LLM batch."""
-
-    def __init__(
-        self,
-        owner: LocalChatModel,
-        messages: list[list[BaseMessage]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        self.owner = owner
-        self.messages = messages
-        self.args, self.kwargs = args, kwargs
-        self.results: list[tuple[list[BaseMessage], ChatResult | Exception]] | None = None
-        self.running: asyncio.Future[None] | None = None
-
-    def call_options(self) -> tuple[list[str] | None, dict[str, Any]]:
-        """The stop sequences and model options of the ``generate`` call."""
-        stop = self.args[0] if self.args else self.kwargs.get("stop")
-        skip = {"stop", "callbacks", "tags", "metadata", "run_name", "run_id",
-                "ls_structured_output_format", "structured_output_format"}  # fmt: skip
-        return stop, {k: v for k, v in self.kwargs.items() if k not in skip}
-
-    def run(self, answer: Callable[[_Batch], list[ChatResult | Exception]]) -> None:
-        if self.results is None:
-            self.results = list(zip(self.messages, answer(self), strict=True))
-
-    def take(self, messages: list[BaseMessage], run: Callable[[], None]) -> ChatResult | None:
-        """This conversation's answer (running the batch first), or None if not in it."""
-        run()
-        assert self.results is not None
-        for i, (asked, result) in enumerate(self.results):
-            if asked == messages or _normalized(asked) == messages:
-                del self.results[i]
-                if isinstance(result, Exception):
-                    raise result
-                return result
-        return None
-
-    async def atake(
-        self,
-        messages: list[BaseMessage],
-        answer: Callable[[_Batch], Awaitable[list[ChatResult | Exception]]],
-    ) -> ChatResult | None:
-        if self.running is None:  # the first conversation runs the batch
-            self.running = asyncio.get_running_loop().create_future()
-            try:
-                self.results = list(zip(self.messages, await answer(self), strict=True))
-            except BaseException as e:
-                self.running.set_exception(e)
-                raise
-            self.running.set_result(None)
-        else:
-            await asyncio.shield(self.running)
-        return self.take(messages, lambda: None)
-
-
-def _normalized(messages: list[BaseMessage]) -> list[BaseMessage]:
-    try:  # what LangChain hands ``_generate``: v1 content blocks in older formats
-        from langchain_core.language_models._utils import _normalize_messages
-    except ImportError:
-        return messages
-    return list(_normalize_messages(messages))
-
-
-def _run_options(config: RunnableConfig) -> dict[str, Any]:
-    return {k: config.get(k) for k in ("callbacks", "tags", "metadata", "run_name")}
-
-
-# ------------------------------------------------------------------ messages
-def _text(message: BaseMessage) -> str:
-    content = message.content
-    if isinstance(content, str):
-        return content
-    parts = []
-    for block in content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, dict) and block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-        elif isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call"):
-            continue  # in tool_calls
-        else:
-            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            msg = f"this chat model reads text only; a {kind!r} content block cannot be sent"
-            raise ValueError(msg)
-    return "".join(parts)
-
-
-_ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
-
-
-def _as_dict(message: BaseMessage, template: str, syntax: CallSyntax) -> dict[str, Any]:
-    role = _ROLES.get(message.type) or ("user" if message.type == "chat" else None)
-    if role is None:
-        msg = f"cannot send a {message.type!r} message to a chat template"
-        raise ValueError(msg)
-    content = _text(message)
-    if isinstance(message, AIMessage) and message.tool_calls:
-        if syntax.native:  # the template writes them in its own syntax
-            calls = [
-                {"type": "function", "id": c["id"],
-                 "function": {"name": c["name"], "arguments": c["args"]}}
-                for c in message.tool_calls
-            ]  # fmt: skip
-            return {"role": "assistant", "content": content, "tool_calls": calls}
-        written = "\n".join(render_call(c["name"], c["args"]) for c in message.tool_calls)
-        content = f"{content}\n{written}" if content else written
-    if isinstance(message, ToolMessage):
-        if "tool" not in template:  # the template knows no tool role: a user turn
-            name = message.name or "the tool"
-            return {"role": "user", "content": f"Result of {name}: {content}"}
-        return {"role": "tool", "content": content, "tool_call_id": message.tool_call_id}
-    if isinstance(message, SystemMessage):
-        return {"role": "system", "content": content}
-    return {"role": role, "content": content}
-
-
-def _render(
-    template: str, turns: list[dict[str, Any]], info: ModelInfo, extra: dict[str, Any]
-) -> str:
-    tokens = {"bos_token": info.bos_token, "eos_token": info.eos_token, **extra}
-    try:
-        text = render_chat(template, turns, **tokens)
-    except ChatTemplateError:
-        if not turns or turns[0]["role"] != "system":
-            raise
-        # Templates that refuse a system role (Gemma's own): say it in the first turn.
-        system, rest = turns[0]["content"], turns[1:]
-        if rest and rest[0]["role"] == "user":
-            rest = [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
-        else:
-            rest = [{"role": "user", "content": system}, *rest]
-        text = render_chat(template, rest, **tokens)
-    if info.adds_bos and info.bos_token and text.startswith(info.bos_token):
-        text = text[len(info.bos_token) :]  # the runtime adds it when tokenizing
-    return text
-
-
-# ------------------------------------------------------------------- answers
-#: The tags reasoning models wrap their thinking in.
-THINK = ("<think>", "</think>")
-
-
-def _opens_thought(template: str) -> bool:
-    return THINK[0] in template
-
-
-class _Thoughts:
-    """Splits ``<think>...</think>`` off the start of an answer, piece by piece.
-
-    A tag may arrive split across pieces: text that could still be the start of one is
-    held back until the next piece says.
-    """
-
-    def __init__(self, inside: bool) -> None:
-        self.state = "inside" if inside else "start"  # start, inside, after, answer
-        self.held = ""
-
-    def feed(self, text: str) -> list[tuple[bool, str]]:
-        """``(is_reasoning, text)`` parts of the answer so far."""
-        parts: list[tuple[bool, str]] = []
-        text, self.held = self.held + text, ""
-        while text:
-            if self.state == "start":
-                head = text.lstrip()
-                if head.startswith(THINK[0]):
-                    text, self.state = head[len(THINK[0]) :], "inside"
-                elif not head or THINK[0].startswith(head):
-                    self.held = text
-                    return parts
-                else:
-                    self.state = "answer"
-            elif self.state == "inside":
-                at = text.find(THINK[1])
-                if at >= 0:
-                    parts.append((True, text[:at]))
-                    text, self.state = text[at + len(THINK[1]) :], "after"
-                    continue
-                keep = _partial_tail(text, THINK[1])
-                parts.append((True, text[: len(text) - keep]))
-                self.held = text[len(text) - keep :]
-                return [p for p in parts if p[1]]
-            elif self.state == "after":  # the blank lines between thought and answer
-                text = text.lstrip()
-                if text:
-                    self.state = "answer"
-            else:
-                parts.append((False, text))
-                break
-        return [p for p in parts if p[1]]
-
-    def end(self) -> list[tuple[bool, str]]:
-        held, self.held = self.held, ""
-        if not held or self.state == "after":
-            return []
-        return [(self.state == "inside", held)]
-
-
-def _partial_tail(text: str, tag: str) -> int:
-    """How many of ``text``'s last characters could begin ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
-
-
-class _Reader:
-    """Turns the LLM's text pieces into message chunks: text, or one tool call.
-
-    Reasoning (``<think>...</think>``) goes to ``reasoning_content``, never to the text.
-    """
-
-    def __init__(self, turn: _Turn, model_name: str) -> None:
-        self.turn = turn
-        self.model_name = model_name
-        self.buffer = ""
-        self.calling: bool | None = None if turn.mode == "auto" else turn.mode == "forced"
-        self.info: dict[str, Any] = {}
-        self.thoughts = _Thoughts(inside=turn.thinking)
-        self.json_text = ""
-        self.done = False  # json_only: the JSON value is complete
-
-    def options(self) -> dict[str, Any]:
-        """The LLM call's options: a JSON-only answer ends with its value."""
-        if not self.turn.json_only:
-            return self.turn.options
-        return {**self.turn.options, UNTIL: lambda: self.done}
-
-    def start(self) -> Iterator[ChatGenerationChunk]:
-        """What the answer starts with before the model writes (the turn's prefix)."""
-        if self.turn.prefix:
-            self.thoughts.state = "answer"
-            yield from self._answer(self.turn.prefix)
-
-    def feed(self, text: str, info: dict[str, Any] | None) -> Iterator[ChatGenerationChunk]:
-        if info:
-            self.info.update(info)
-        if not text or self.done:
-            return
-        for reasoning, part in self.thoughts.feed(text):
-            if reasoning:
-                yield _reasoning_chunk(part)
-            else:
-                yield from self._answer(part)
-
-    def _answer(self, text: str) -> Iterator[ChatGenerationChunk]:
-        if self.turn.json_only:
-            text = self._json_part(text)
-        if self.calling is None:  # auto: text, or a call in the template's syntax
-            self.buffer += text
-            self.calling = self.turn.syntax.starts(self.buffer)
-            if self.calling is None:
-                return
-            if not self.calling:
-                text, self.buffer = self.buffer, ""
-                yield ChatGenerationChunk(message=AIMessageChunk(content=text))
-            return
-        if self.calling:
-            self.buffer += text
-            return
-        if text:
-            yield ChatGenerationChunk(message=AIMessageChunk(content=text))
-
-    def _json_part(self, text: str) -> str:
-        """The part of ``text`` up to the end of the answer's JSON value.
-
-        The value ends where its JSON does, or where every field of the schema has been
-        written and the model goes on with a comma (a field the schema does not have):
-        the object is closed there.
-        """
-        before = len(self.json_text)
-        self.json_text += text
-        opening = self.turn.syntax.open
-        body = len(opening) if self.json_text.startswith(opening) else 0
-        closing = "}" if self.turn.mode == "none" else "}}"  # an answer; a call's arguments
-        cut: tuple[int, str] | None = None
-        if "}" in text:
-            head = self.json_text[body:]
-            lead = len(head) - len(head.lstrip())
-            try:
-                _, end = json.JSONDecoder().raw_decode(head.lstrip())
-                cut = body + lead + end, ""
-            except json.JSONDecodeError:
-                pass
-        if cut is None and "," in text:
-            for i in range(max(before, body), len(self.json_text)):
-                if self.json_text[i] == "," and self._all_fields(self.json_text[body:i] + closing):
-                    cut = i, closing
-                    break
-        if cut is None:
-            return text
-        self.done = True
-        end, added = cut
-        return text[: end - before] + added
-
-    def _all_fields(self, candidate: str) -> bool:
-        """Whether ``candidate`` is the whole JSON answer, with every field of its schema."""
-        try:
-            data = json.loads(candidate)
-        except json.JSONDecodeError:
-            return False
-        if not isinstance(data, dict):
-            return False
-        schema: dict[str, Any] | None
-        values: Any
-        if self.turn.mode == "none":
-            schema, values = self.turn.schema, data
-        else:
-            tool = next((t for t in self.turn.tools if t.name == data.get("name")), None)
-            schema, values = (tool.parameters if tool else None), data.get("arguments")
-        fields = (schema or {}).get("properties") or {}
-        return bool(fields) and isinstance(values, dict) and set(fields) <= set(values)
-
-    def end(self) -> Iterator[ChatGenerationChunk]:
-        for reasoning, part in self.thoughts.end():
-            if reasoning:
-                yield _reasoning_chunk(part)
-            else:
-                yield from self._answer(part)
-        if self.done:
-            self.info["finish_reason"] = "stop"  # the value ended; decoding was stopped
-        usage = _usage(self.info)
-        metadata = {"model_name": self.model_name, "finish_reason": self.info.get("finish_reason")}
-        chunks: list[Any] = []
-        content = ""
-        if self.calling or (self.calling is None and self.buffer.strip()):
-            try:
-                call = parse_call(
-                    self.buffer,
-                    self.turn.tools,
-                    forced=self.turn.mode == "forced",
-                    syntax=self.turn.syntax,
-                )
-            except ToolCallError as e:
-                if self.info.get("finish_reason") == "length":
-                    msg = f"{e}. The answer ended at the token limit: raise max_tokens"
-                    raise ToolCallError(msg) from e
-                raise
-            if call is None:
-                content = self.buffer
-            else:
-                args = json.dumps(call["args"], ensure_ascii=False)
-                chunks = [tool_call_chunk(name=call["name"], args=args, id=call["id"], index=0)]
-                metadata["finish_reason"] = "tool_calls"
-        elif self.buffer:
-            content = self.buffer
-        message = AIMessageChunk(
-            content=content,
-            tool_call_chunks=chunks,
-            usage_metadata=usage,
-            response_metadata=metadata,
-            chunk_position="last",
+    def _forced_call(
+        self, schema: Any, strict: bool | None, traced: dict[str, Any]
+    ) -> tuple[Runnable[LanguageModelInput, Any], Runnable[Any, Any]]:
+        """``function_calling``: a forced call of the schema's tool; its arguments' parser."""
+        spec = ToolSpec.of(schema)
+        bound = self.bind_tools(
+            [schema], tool_choice=spec.name, strict=strict, ls_structured_output_format=traced
         )
-        yield ChatGenerationChunk(message=message, generation_info=dict(self.info))
+        parser: Runnable[Any, Any] = RunnableLambda(first_call_args)
+        if isinstance(schema, type) and is_basemodel_subclass(schema):
+            parser = parser | RunnableLambda(schema.model_validate)  # type: ignore[attr-defined]
+        return bound, parser
 
-
-def _reasoning_chunk(text: str) -> ChatGenerationChunk:
-    return ChatGenerationChunk(
-        message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": text})
-    )
-
-
-def _usage(info: dict[str, Any]) -> UsageMetadata | None:
-    prompt, completion = info.get("prompt_tokens"), info.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return UsageMetadata(
-        input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
-    )
-
-
-def _as_message(result: ChatResult) -> ChatResult:
-    """A streamed-then-joined answer as a plain ``AIMessage`` (what ``invoke`` returns)."""
-    gens = []
-    for gen in result.generations:
-        m = gen.message
-        message = AIMessage(
-            content=m.content,
-            additional_kwargs=m.additional_kwargs,
-            tool_calls=getattr(m, "tool_calls", []),
-            usage_metadata=getattr(m, "usage_metadata", None),
-            response_metadata=m.response_metadata,
-            id=m.id,
-        )
-        gens.append(ChatGeneration(message=message, generation_info=gen.generation_info))
-    return ChatResult(generations=gens, llm_output=result.llm_output)
-
-
-def _json_parser(schema: Any, json_schema: dict[str, Any] | None) -> Runnable[Any, Any]:
-    """The answer's JSON: a pydantic model's instance, or validated against the schema.
-
-    Partial JSON is parsed while streaming; the whole answer must be complete JSON (an
-    answer cut at the token limit is an error, not a shorter object).
-    """
-    if isinstance(schema, type) and is_basemodel_subclass(schema):
-        return _ValidatedPydantic(pydantic_object=schema)
-    return _ValidatedJson(answer_schema=json_schema)
-
-
-def _whole_json(result: list[Any], schema: dict[str, Any] | None = None) -> Any:
-    """The whole answer's JSON (validated against ``schema``): OutputParserException."""
-    raw = result[0].text
-    try:
-        return load(raw, schema)
-    except SchemaValidationError as e:
-        raise OutputParserException(str(e), llm_output=raw) from e
-
-
-class _ValidatedJson(JsonOutputParser):
-    """JSON whose whole answer must validate against a schema (where one is given)."""
-
-    answer_schema: dict[str, Any] | None = None
-
-    def parse_result(self, result: list[Any], *, partial: bool = False) -> Any:
-        if partial:
-            return super().parse_result(result, partial=True)
-        return _whole_json(result, self.answer_schema)
-
-
-class _ValidatedPydantic(PydanticOutputParser):  # type: ignore[type-arg]
-    """A pydantic model's instance from the whole answer, which must be complete JSON."""
-
-    def parse_result(self, result: list[Any], *, partial: bool = False) -> Any:
-        if partial:
-            return super().parse_result(result, partial=True)
-        return self._parse_obj(
-            _whole_json(result)
-        )  # pydantic v2 or v1; a typed OutputParserException
-
-
-def _first_call_args(message: AIMessage) -> dict[str, Any]:
-    if not message.tool_calls:
-        msg = f"the model made no tool call: {message.content!r:.200}"
-        raise ToolCallError(msg)
-    return dict(message.tool_calls[0]["args"])
-
-
-def _json_instruction(schema: dict[str, Any] | None) -> str:
-    """What asks a model that no grammar constrains for a JSON answer."""
-    if schema is None:
-        return "Answer with a JSON object and nothing else."
-    props = schema.get("properties")
-    if isinstance(props, dict) and props and all(isinstance(p, dict) for p in props.values()):
-        fields = "\n".join(
-            f"- {name} ({spec.get('type', 'any')})"
-            + (f": {spec['description']}" if spec.get("description") else "")
-            for name, spec in props.items()
-        )
-        return f"Answer with a JSON object with these fields, and nothing else:\n{fields}"
-    return (
-        "Answer with a JSON value that validates against this JSON schema, and "
-        f"nothing else:\n{json.dumps(_plain_schema(schema))}"
-    )
-
-
-def _plain_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """A JSON schema without the keys llama.cpp's converter does not need."""
-    return {k: v for k, v in schema.items() if k not in ("title", "description")}
+    def _json_answer(
+        self, schema: Any, strict: bool | None, traced: dict[str, Any]
+    ) -> tuple[Runnable[LanguageModelInput, Any], Runnable[Any, Any]]:
+        """``json_schema`` / ``json_mode``: the schema's (or JSON's) answer; its validator."""
+        json_schema = None
+        if schema is not None:
+            json_schema = schema if isinstance(schema, dict) else convert_to_json_schema(schema)
+        answer = {
+            "schema": json_schema,
+            "constraint": None
+            if json_schema is None
+            else prepare(json_schema, self._constraint_engine(), strict=strict),
+            "strict": strict,
+        }
+        bound = self.bind(response_format=answer, ls_structured_output_format=traced)
+        return bound, json_parser(schema, json_schema)

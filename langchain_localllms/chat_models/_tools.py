@@ -21,7 +21,7 @@ from typing import Any
 from langchain_core.messages import ToolCall
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from langchain_localllms.errors import SchemaValidationError
+from langchain_localllms.core.errors import SchemaValidationError
 from langchain_localllms.grammars import Grammar
 from langchain_localllms.grammars.schemas import validate
 
@@ -156,6 +156,18 @@ def resolve_choice(tools: Sequence[ToolSpec], tool_choice: Any) -> tuple[str, li
     return "forced", chosen
 
 
+def call_mode(tools: Sequence[ToolSpec], tool_choice: Any) -> tuple[str, list[ToolSpec]]:
+    """One call's ``(mode, allowed)`` (see :func:`resolve_choice`); ``"none"`` without tools.
+
+    A choice that needs tools when none are bound is an error that says how to bind them.
+    """
+    if tool_choice not in (None, "auto", "none") and not tools:
+        msg = f"tool_choice={tool_choice!r} needs tools: bind them with bind_tools(tools, ...)"
+        raise ValueError(msg)
+    mode, allowed = resolve_choice(tools, tool_choice)
+    return (mode if tools else "none"), allowed
+
+
 def call_grammar(
     tools: Sequence[ToolSpec], *, forced: bool, syntax: CallSyntax = PLAIN, strict: bool = True
 ) -> Grammar:
@@ -238,6 +250,29 @@ def object_prefix(schema: dict[str, Any] | None) -> str:
 def render_call(name: str, args: dict[str, Any]) -> str:
     """A call as the model writes it (for earlier calls in a conversation)."""
     return json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+
+
+def answer_call(
+    text: str,
+    tools: Sequence[ToolSpec],
+    *,
+    forced: bool,
+    syntax: CallSyntax = PLAIN,
+    finish: Any = None,
+    limit: str = "max_tokens",
+) -> ToolCall | None:
+    """:func:`parse_call` of a whole answer; a call cut at the token limit says so.
+
+    ``finish`` is the answer's finish reason, ``limit`` the name of the setting that
+    bounds its length (``max_tokens``, ``num_predict``).
+    """
+    try:
+        return parse_call(text, tools, forced=forced, syntax=syntax)
+    except ToolCallError as e:
+        if finish == "length":
+            msg = f"{e}. The answer ended at the token limit: raise {limit}"
+            raise ToolCallError(msg) from e
+        raise
 
 
 def parse_call(

@@ -6,8 +6,8 @@ from typing import Any, ClassVar
 
 from pydantic import model_validator
 
-from langchain_localllms._base import LocalLLM
-from langchain_localllms.chat_models._base import LocalChatModel, _standard_names
+from langchain_localllms.chat_models._base import LocalChatModel
+from langchain_localllms.llms._base import LocalLLM, standard_names
 from langchain_localllms.llms.huggingface_pipeline import HuggingFacePipeline
 
 __all__ = ["ChatHuggingFace"]
@@ -88,7 +88,7 @@ class ChatHuggingFace(LocalChatModel):
         """
         if not isinstance(values, dict):
             return values
-        values = _standard_names(cls._llm_class, values)  # also beside llm=
+        values = standard_names(cls._llm_class, values)  # also beside llm=
         _template_of_tokenizer(values)
         llm = values.get("llm")
         if llm is None:
@@ -128,7 +128,7 @@ class ChatHuggingFace(LocalChatModel):
         ``pipeline_kwargs`` ...) go to ``HuggingFacePipeline.from_model_id``.
         """
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._own_fields()}
-        kwargs = _standard_names(cls._llm_class, kwargs)
+        kwargs = standard_names(cls._llm_class, kwargs)
         llm = HuggingFacePipeline.from_model_id(model_id=model_id, task=task, **kwargs)
         return cls(llm=llm, **own)
 
@@ -158,7 +158,7 @@ def _configured(llm: HuggingFacePipeline, settings: dict[str, Any]) -> HuggingFa
     Settings of how the model is loaded cannot change without loading it again: those
     are an error that says where they go.
     """
-    loading = sorted(set(settings) & llm._load_fields())
+    loading = sorted(set(settings) & llm.load_fields())
     if loading:
         msg = (
             f"{', '.join(loading)} set how the model is loaded: give them to "

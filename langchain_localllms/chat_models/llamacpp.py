@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from langchain_localllms._base import LocalLLM
 from langchain_localllms.chat_models._base import LocalChatModel
+from langchain_localllms.llms._base import LocalLLM
 from langchain_localllms.llms.llamacpp import LlamaCpp
 
 __all__ = ["ChatLlamaCpp"]

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 from pydantic import model_validator
 
-from langchain_localllms._base import LocalLLM
 from langchain_localllms.chat_models._base import LocalChatModel
+from langchain_localllms.llms._base import LocalLLM, standard_names
 from langchain_localllms.llms.llamafile import Llamafile
 from langchain_localllms.prompts import FORMATS, ModelInfo, chat_format
 
@@ -35,7 +35,7 @@ LLAMA_CPP_FALLBACK = (
 )
 
 
-def _squeezed(text: str) -> str:
+def squeezed(text: str) -> str:
     """The template without whitespace; its escaped newlines read as newlines."""
     return "".join(text.replace("\\n", "\n").split())
 
@@ -93,7 +93,7 @@ class ChatLlamafile(LocalChatModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _standard_names(cls, values: Any) -> Any:
+    def _llamafile_names(cls, values: Any) -> Any:
         """LangChain's standard ``max_tokens`` and ``timeout``, as Llamafile names them.
 
         Runs before the base class builds ``llm`` from the other arguments.
@@ -108,29 +108,23 @@ class ChatLlamafile(LocalChatModel):
                 f"{type(llm).__module__}.{type(llm).__name__}"
             )
             raise TypeError(msg)
-        for standard, own in (("max_tokens", "n_predict"), ("timeout", "request_timeout")):
-            if standard not in values:
-                continue
-            value = values.pop(standard)
-            if value is None:
-                continue
-            if llm is not None:
+        if llm is None:
+            return standard_names(Llamafile, values)
+        renamed = {k: own for k, own in Llamafile.standard_fields().items() if own not in (None, k)}
+        for standard, own in renamed.items():
+            if values.get(standard) is not None:
                 msg = f"{standard}= beside llm= is not applied: give {own}= to the Llamafile"
                 raise ValueError(msg)
-            if values.get(own) is not None:
-                msg = f"give {standard} or {own}, not both (they are one setting)"
-                raise ValueError(msg)
-            values[own] = value
-        return values
+        return {k: v for k, v in values.items() if k not in renamed}
 
     def _template(self) -> tuple[str, ModelInfo]:
         template, info = super()._template()
         if self.chat_template is None:
-            template = _served_template(info) or template
+            template = served_template(info) or template
         return template, info
 
 
-def _served_template(info: ModelInfo) -> str | None:
+def served_template(info: ModelInfo) -> str | None:
     """The template to use for what the server reports, where it is not the file's own.
 
     ``--chat-template NAME`` makes llama.cpp report the bare name: the built-in format
@@ -149,6 +143,6 @@ def _served_template(info: ModelInfo) -> str | None:
             "(a Jinja chat template)"
         )
         raise ValueError(msg)
-    if _squeezed(served) == _squeezed(LLAMA_CPP_FALLBACK):
+    if squeezed(served) == squeezed(LLAMA_CPP_FALLBACK):
         return chat_format(dataclasses.replace(info, chat_template=None))
     return None

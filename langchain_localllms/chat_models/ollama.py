@@ -22,23 +22,27 @@ from langchain_core.messages import (
     ChatMessage,
     ToolMessage,
 )
-from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 
-from langchain_localllms._base import LocalLLM
-from langchain_localllms._stop import StopStream
-from langchain_localllms._usage import Tally
-from langchain_localllms.chat_models._base import LocalChatModel, _as_message, _usage
+from langchain_localllms.chat_models._answers import as_message, final_chunk
+from langchain_localllms.chat_models._base import LocalChatModel
+from langchain_localllms.chat_models._messages import ROLES, add_system, message_text
 from langchain_localllms.chat_models._tools import (
     ToolCallError,
     ToolSpec,
+    answer_call,
+    call_mode,
     parse_call,
     render_call,
-    resolve_choice,
     tools_preamble,
 )
+from langchain_localllms.core.events import Tally, Thinking, ToolCallPiece
+from langchain_localllms.core.requests import ChatRequest
+from langchain_localllms.core.stops import StopStream
+from langchain_localllms.engines.ollama import GENERATE_ONLY
 from langchain_localllms.grammars import Grammar
-from langchain_localllms.llms.ollama import GENERATE_ONLY, ChatRequest, Ollama, Thinking
+from langchain_localllms.llms._base import LocalLLM, standard_names
+from langchain_localllms.llms.ollama import Ollama
 
 __all__ = ["ChatOllama"]
 
@@ -139,7 +143,7 @@ class ChatOllama(LocalChatModel):
 
     def __init__(self, **data: Any) -> None:
         if "llm" not in data:
-            data = _client_kwargs(_max_tokens_alias(data, "ChatOllama"))
+            data = _client_kwargs(data)
         given = [k for k in GENERATE_ONLY if data.get(k) is not None]
         if given:
             msg = (
@@ -184,10 +188,10 @@ class ChatOllama(LocalChatModel):
         caps = self._ollama.capabilities(model) if _needs_capabilities(messages, options) else None
         plan = self._plan(messages, options, model, caps)
         llm = self._ollama
-        call = llm._resolve(stop, plan.options)
+        call = llm.resolve_call(stop, plan.options)
         tally = Tally()
-        reader = _Reader(plan, call.stops, model or llm.model)
-        pieces = llm._pieces(plan.request, call, tally)
+        reader = _OllamaAnswer(plan, call.stops, model or llm.model)
+        pieces = llm.engine.chat(plan.request, call, tally)
         try:
             for piece in pieces:
                 yield from reader.feed(piece)
@@ -211,10 +215,10 @@ class ChatOllama(LocalChatModel):
             caps = await self._ollama.acapabilities(model)
         plan = self._plan(messages, options, model, caps)
         llm = self._ollama
-        call = llm._resolve(stop, plan.options)
+        call = llm.resolve_call(stop, plan.options)
         tally = Tally()
-        reader = _Reader(plan, call.stops, model or llm.model)
-        pieces = llm._apieces(plan.request, call, tally)
+        reader = _OllamaAnswer(plan, call.stops, model or llm.model)
+        pieces = llm.engine.achat(plan.request, call, tally)
         try:
             async for piece in pieces:
                 for chunk in reader.feed(piece):
@@ -233,7 +237,7 @@ class ChatOllama(LocalChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _as_message(generate_from_stream(self._stream(messages, stop=stop, **kwargs)))
+        return as_message(generate_from_stream(self._stream(messages, stop=stop, **kwargs)))
 
     async def _agenerate(
         self,
@@ -243,7 +247,7 @@ class ChatOllama(LocalChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         result = await agenerate_from_stream(self._astream(messages, stop=stop, **kwargs))
-        return _as_message(result)
+        return as_message(result)
 
     # ---------------------------------------------------------------- request
     def _plan(
@@ -254,15 +258,10 @@ class ChatOllama(LocalChatModel):
         caps: frozenset[str] | None,
     ) -> _Plan:
         """The ``/api/chat`` request of one call, and how to read its answer."""
-        options = _max_tokens_alias(options, "ChatOllama.invoke")
+        options = standard_names(Ollama, options)
         tools = [ToolSpec.of(t) for t in options.pop("tools", None) or []]
         choice = options.pop("tool_choice", None)
-        if choice not in (None, "auto", "none") and not tools:
-            msg = f"tool_choice={choice!r} needs tools: bind them with bind_tools(tools, ...)"
-            raise ValueError(msg)
-        mode, allowed = resolve_choice(tools, choice)
-        if not tools:
-            mode = "none"
+        mode, allowed = call_mode(tools, choice)
         answer = _answer_format(options)
         if answer is not None:
             if options.get("format") is not None:
@@ -285,7 +284,7 @@ class ChatOllama(LocalChatModel):
             if native:
                 wire_tools = [t.openai() for t in allowed]
             else:
-                _add_system(turns, tools_preamble(allowed, forced=mode == "forced"))
+                add_system(turns, tools_preamble(allowed, forced=mode == "forced"))
             if mode == "forced":
                 schemas = [t.call_schema() for t in allowed]
                 options["format"] = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
@@ -303,20 +302,6 @@ class _Plan:
     tools: list[ToolSpec] = field(default_factory=list)
     mode: str = "none"  # "none", "auto" (text or a call), "forced" (a call)
     native: bool = False  # tools went as Ollama's ``tools``
-
-
-def _max_tokens_alias(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """LangChain's standard ``max_tokens`` is Ollama's ``num_predict``."""
-    if "max_tokens" not in values:
-        return values
-    values = dict(values)
-    max_tokens = values.pop("max_tokens")
-    if values.get("num_predict") is not None and max_tokens is not None:
-        msg = f"{where}: give max_tokens or num_predict, not both (they are the same)"
-        raise ValueError(msg)
-    if max_tokens is not None:
-        values["num_predict"] = max_tokens
-    return values
 
 
 def _client_kwargs(values: dict[str, Any]) -> dict[str, Any]:
@@ -380,16 +365,6 @@ def _answer_format(options: dict[str, Any]) -> Any:
     raise ValueError(msg)
 
 
-def _add_system(turns: list[dict[str, Any]], text: str) -> None:
-    if turns and turns[0]["role"] == "system":
-        turns[0] = {**turns[0], "content": f"{turns[0]['content']}\n\n{text}"}
-    else:
-        turns.insert(0, {"role": "system", "content": text})
-
-
-_ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
-
-
 def _wire_messages(messages: Sequence[BaseMessage], *, native: bool) -> list[dict[str, Any]]:
     """Ollama's message dicts.
 
@@ -400,13 +375,13 @@ def _wire_messages(messages: Sequence[BaseMessage], *, native: bool) -> list[dic
     names: dict[str, str] = {}  # tool call id -> tool name
     out: list[dict[str, Any]] = []
     for message in messages:
-        role = _ROLES.get(message.type)
+        role = ROLES.get(message.type)
         if isinstance(message, ChatMessage):
             role = {"human": "user", "ai": "assistant"}.get(message.role, message.role)
         if role not in ("system", "user", "assistant", "tool"):
             msg = f"ChatOllama cannot send a {message.type!r} message to Ollama"
             raise ValueError(msg)
-        content = _text(message)
+        content = message_text(message, "ChatOllama")
         turn: dict[str, Any] = {"role": role, "content": content}
         if isinstance(message, AIMessage):
             for call in message.tool_calls:
@@ -433,30 +408,12 @@ def _wire_messages(messages: Sequence[BaseMessage], *, native: bool) -> list[dic
     return out
 
 
-def _text(message: BaseMessage) -> str:
-    content = message.content
-    if isinstance(content, str):
-        return content
-    parts = []
-    for block in content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, dict) and block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-        elif isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call"):
-            continue  # in tool_calls
-        elif isinstance(block, dict) and block.get("type") in ("reasoning", "thinking"):
-            continue  # a thought of an earlier turn is not sent as text
-        else:
-            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            msg = f"ChatOllama sends text only; a {kind!r} content block cannot be sent"
-            raise ValueError(msg)
-    return "".join(parts)
-
-
 # ------------------------------------------------------------------- answers
-class _Reader:
-    """Turns the engine's pieces (content, :class:`Thinking`) into message chunks."""
+class _OllamaAnswer:
+    """Turns the engine's pieces into message chunks.
+
+    The pieces are content, :class:`Thinking` and :class:`ToolCallPiece`.
+    """
 
     def __init__(self, plan: _Plan, stops: list[str], model: str) -> None:
         self.plan = plan
@@ -469,12 +426,16 @@ class _Reader:
             "auto": None if not plan.native else False,
         }.get(plan.mode, False)
         self.buffer = ""
+        self.native: list[ToolCallPiece] = []  # the calls the server parsed
 
     @property
     def stopped(self) -> bool:
         return self.stops.stopped
 
-    def feed(self, piece: str) -> Iterator[ChatGenerationChunk]:
+    def feed(self, piece: str | ToolCallPiece) -> Iterator[ChatGenerationChunk]:
+        if isinstance(piece, ToolCallPiece):
+            self.native.append(piece)
+            return
         if isinstance(piece, Thinking):
             chunk = AIMessageChunk(content="", additional_kwargs={"reasoning_content": str(piece)})
             yield ChatGenerationChunk(message=chunk)
@@ -502,61 +463,39 @@ class _Reader:
         if not self.stops.stopped:
             yield from self._text(self.stops.flush())
         info = tally.info(self.stops.matched)
-        native = info.pop("tool_calls", None) or []
         info.pop("thinking", None)  # streamed as reasoning_content
-        calls = self._calls(native, info.get("finish_reason"))
-        content = "" if calls else self.buffer
-        chunks = [
-            tool_call_chunk(
-                name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"], index=i
-            )
-            for i, c in enumerate(calls)
-        ]
+        calls = self._calls(info.get("finish_reason"))
         metadata: dict[str, Any] = {
             "model_name": info.get("model") or self.model,
-            "finish_reason": "tool_calls" if calls else info.get("finish_reason"),
+            "finish_reason": info.get("finish_reason"),
             "done_reason": info.get("finish_reason"),
         }
-        message = AIMessageChunk(
-            content=content,
-            tool_call_chunks=chunks,
-            usage_metadata=_usage(info),
-            response_metadata=metadata,
-            chunk_position="last",
-        )
-        yield ChatGenerationChunk(message=message, generation_info=info)
+        yield final_chunk("" if calls else self.buffer, calls, info, metadata)
 
-    def _calls(self, native: list[dict[str, Any]], finish: Any) -> list[dict[str, Any]]:
+    def _calls(self, finish: Any) -> list[dict[str, Any]]:
         """The answer's tool calls, each validated against its tool's schema."""
         if self.plan.mode == "none":
             return []
-        if native:
-            return [self._native_call(c) for c in native if isinstance(c, dict)]
+        if self.native:
+            return [self._native_call(c) for c in self.native]
         text = self.buffer.strip()
         if self.plan.mode == "auto" and not _names_a_tool(text, self.plan.tools):
             return []  # text, not a call
-        try:
-            call = parse_call(text, self.plan.tools, forced=True)
-        except ToolCallError as e:
-            if finish == "length":
-                msg = f"{e}. The answer ended at the token limit: raise num_predict"
-                raise ToolCallError(msg) from e
-            raise
+        call = answer_call(text, self.plan.tools, forced=True, finish=finish, limit="num_predict")
         return [dict(call)] if call else []
 
-    def _native_call(self, raw: dict[str, Any]) -> dict[str, Any]:
-        function = raw.get("function") or {}
-        args = function.get("arguments")
+    def _native_call(self, piece: ToolCallPiece) -> dict[str, Any]:
+        args = piece.arguments
         if isinstance(args, str):  # some servers send the arguments as JSON text
             try:
                 args = json.loads(args)
             except ValueError as e:
                 msg = f"Ollama sent a tool call whose arguments are not JSON: {args[:200]!r}"
                 raise ToolCallError(msg) from e
-        text = json.dumps({"name": function.get("name"), "arguments": args})
+        text = json.dumps({"name": piece.name, "arguments": args})
         call = dict(parse_call(text, self.plan.tools, forced=True) or {})
-        if raw.get("id"):
-            call["id"] = str(raw["id"])
+        if piece.id:
+            call["id"] = piece.id
         return call
 
 

@@ -20,8 +20,8 @@ from typing import Annotated, Any
 
 import pydantic
 
-from langchain_localllms._imports import require
-from langchain_localllms.errors import GrammarSyntaxError
+from langchain_localllms.core.errors import GrammarSyntaxError
+from langchain_localllms.core.imports import require
 from langchain_localllms.grammars.schemas import load
 
 __all__ = [

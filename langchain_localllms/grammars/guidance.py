@@ -16,8 +16,8 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
-from langchain_localllms._imports import require
-from langchain_localllms.errors import GrammarSyntaxError, SchemaNotSupported
+from langchain_localllms.core.errors import GrammarSyntaxError, SchemaNotSupported
+from langchain_localllms.core.imports import require
 from langchain_localllms.grammars.schemas import check_depth, modern_bounds, rewritten
 
 if TYPE_CHECKING:

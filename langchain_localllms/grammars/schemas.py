@@ -2,7 +2,7 @@
 
 A runtime that constrains decoding enforces some JSON Schema keywords and not others.
 What it cannot enforce is refused when the schema is bound
-(:class:`~langchain_localllms.errors.SchemaNotSupported`, naming the keyword and its
+(:class:`~langchain_localllms.core.errors.SchemaNotSupported`, naming the keyword and its
 JSON pointer) unless the user passes ``strict=False``; then the keyword is dropped
 from the constraint with a warning. Either way every answer is validated against the
 user's whole schema (:func:`validate`), so an answer that breaks it is an error,
@@ -21,8 +21,8 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from langchain_localllms._imports import require
-from langchain_localllms.errors import SchemaNotSupported, SchemaValidationError
+from langchain_localllms.core.errors import SchemaNotSupported, SchemaValidationError
+from langchain_localllms.core.imports import require
 
 __all__ = [
     "ENGINES",

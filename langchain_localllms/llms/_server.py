@@ -1,38 +1,30 @@
 """The base of the LLM classes that call a local server (Ollama, llamafile / llama.cpp).
 
-Transport (pooled clients, reply framings, errors, redaction) lives in
-:mod:`langchain_localllms._http`; this class turns it into a runtime for
-:class:`~langchain_localllms._base.LocalLLM`.
+The wire (request bodies, reply reading, the request loop) lives in the server's
+engine (:mod:`langchain_localllms.engines.server` and one module per server); this
+class holds the fields users set and turns the engine into a LangChain LLM.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
 from pydantic import Field, PrivateAttr
 
-from langchain_localllms._base import Call, LocalLLM
-from langchain_localllms._http import Endpoint, Framing
-from langchain_localllms._usage import Tally
-
-#: Requests of a batch sent at once when the server does not say how many it runs.
-DEFAULT_CONCURRENCY = 4
-#: A slot-count probe that fails in these ways leaves the default (the batch's own
-#: requests then report what is wrong with the server). ValueError: a reply that is
-#: not JSON.
-_PROBE_ERRORS = (RuntimeError, ConnectionError, TimeoutError, ValueError)
+from langchain_localllms.core.events import Tally
+from langchain_localllms.core.http import Endpoint
+from langchain_localllms.core.requests import Call
+from langchain_localllms.engines.server import ServerEngine
+from langchain_localllms.llms._base import LocalLLM
 
 
 class ServerLLM(LocalLLM):
-    """What the runtimes that call a local server share (not used directly).
+    """What the LLM classes over a local server share (not used directly).
 
-    A subclass names its route and reply framing, builds the request body from a
-    :class:`~langchain_localllms._base.Call` (``_body``), reads each reply message
-    (``_take``: the text piece, with usage into the tally) and says which message is
-    the last (``_is_final``). This class sends the request through the pooled
-    clients, sync and natively async, and maps every failure to a clear error.
+    A subclass builds its server's engine (``_make_engine``) from its fields; this
+    class sends prompts through it, sync and natively async, and sizes batches by the
+    server's slots.
     """
 
     base_url: str
@@ -52,25 +44,33 @@ class ServerLLM(LocalLLM):
     _server_name: ClassVar[str] = "the server"
     _start_hint: ClassVar[str] = ""
     _timeout_field: ClassVar[str] = "timeout"
-    _route: ClassVar[str] = ""
-    _stream_framing: ClassVar[Framing] = "ndjson"
-    #: Headers of streamed requests only.
-    _stream_headers: ClassVar[dict[str, str] | None] = None
-    #: Where the server tells how many requests it decodes at once: (route, JSON
-    #: key) of a GET reply; None if it does not.
-    _slots_probe: ClassVar[tuple[str, str] | None] = None
 
-    _slots: int | None = PrivateAttr(default=None)
+    _engine: ServerEngine = PrivateAttr()
+
+    @classmethod
+    def standard_fields(cls) -> dict[str, str | None]:
+        """LangChain's standard names, ``timeout`` too (the server's timeout field)."""
+        return {**super().standard_fields(), "timeout": cls._timeout_field}
 
     def _setup(self) -> None:
-        self._endpoint()  # a bad base_url or client_kwargs fails here, not at first call
+        # A bad base_url or client_kwargs fails here, not at first call.
+        self._engine = self._make_engine(self._endpoint())
 
-    def _endpoint(self) -> Endpoint:
+    def _make_engine(self, endpoint: Endpoint) -> ServerEngine:
+        raise NotImplementedError
+
+    @property
+    def engine(self) -> ServerEngine:
+        """The server's engine: requests, replies, and what the server tells."""
+        return self._engine
+
+    def _endpoint(self, *, timeout: float | bool | None = True) -> Endpoint:
+        """The server as these fields reach it (``timeout=None``: no read timeout)."""
         return Endpoint(
             self.base_url,
             server=self._server_name,
             start_hint=self._start_hint,
-            timeout=getattr(self, self._timeout_field),
+            timeout=getattr(self, self._timeout_field) if timeout is True else timeout,
             timeout_name=self._timeout_field,
             headers=self.headers,
             auth=getattr(self, "auth", None),
@@ -82,78 +82,16 @@ class ServerLLM(LocalLLM):
 
     def _release(self) -> None:
         # The server keeps its model: Ollama.unload() frees that.
-        self._endpoint().release()
+        self._engine.close()
 
-    # ------------------------------------------------------------ subclass hooks
-    def _body(self, prompt: str, call: Call) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _take(self, message: dict[str, Any], tally: Tally) -> str:
-        raise NotImplementedError
-
-    def _is_final(self, message: dict[str, Any]) -> bool:
-        raise NotImplementedError
-
-    def _describe_status(self, status: int, text: str) -> str | None:
-        """A better message for an HTTP error status (None: the generic one)."""
-        return None
-
-    # ------------------------------------------------------------- concurrency
     def _concurrency(self) -> int:
-        if self.max_concurrency is not None:
-            return self.max_concurrency
-        if self._slots is None and self._slots_probe is not None:
-            route, _ = self._slots_probe
-            self._slots = 0  # asked: a server that cannot say is not asked again
-            with contextlib.suppress(*_PROBE_ERRORS):
-                self._slots = self._read_slots(self._endpoint().request_json(route, method="GET"))
-        return self._slots or DEFAULT_CONCURRENCY
+        return self.max_concurrency or self._engine.slots()
 
     async def _aconcurrency(self) -> int:
-        if self.max_concurrency is None and self._slots is None and self._slots_probe:
-            route, _ = self._slots_probe
-            self._slots = 0
-            with contextlib.suppress(*_PROBE_ERRORS):
-                reply = await self._endpoint().arequest_json(route, method="GET")
-                self._slots = self._read_slots(reply)
-        return self._concurrency()  # asked already: never a request on the event loop
-
-    def _read_slots(self, reply: Any) -> int:
-        """The slot count in the probe's reply; 0 (asked, not told) if it has none."""
-        assert self._slots_probe is not None
-        value = reply.get(self._slots_probe[1]) if isinstance(reply, dict) else None
-        return value if isinstance(value, int) and value > 0 else 0
-
-    # ------------------------------------------------------------------ the loop
-    def _request(self, prompt: str, call: Call) -> tuple[dict[str, Any], dict[str, Any]]:
-        body = self._body(prompt, call)
-        streamed = bool(body.get("stream"))
-        options = {
-            "framing": self._stream_framing if streamed else "json",
-            "is_final": self._is_final,
-            "describe": self._describe_status,
-            "headers": self._stream_headers if streamed else None,
-        }
-        return body, options
+        return self.max_concurrency or await self._engine.aslots()
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
-        body, options = self._request(prompt, call)
-        messages = self._endpoint().stream(self._route, body, **options)
-        try:
-            for message in messages:
-                piece = self._take(message, tally)
-                if piece:
-                    yield piece
-        finally:
-            messages.close()  # stopped early: the connection closes, the server stops
+        return self._engine.pieces(prompt, call, tally)
 
-    async def _apieces(self, prompt: str, call: Call, tally: Tally) -> AsyncIterator[str]:
-        body, options = self._request(prompt, call)
-        messages = self._endpoint().astream(self._route, body, **options)
-        try:
-            async for message in messages:
-                piece = self._take(message, tally)
-                if piece:
-                    yield piece
-        finally:
-            await messages.aclose()
+    def _apieces(self, prompt: str, call: Call, tally: Tally) -> AsyncIterator[str]:
+        return self._engine.apieces(prompt, call, tally)

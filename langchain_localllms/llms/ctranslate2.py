@@ -8,18 +8,20 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, field_validator
+from typing_extensions import override
 
-from langchain_localllms._base import Call, LocalLLM, Refused, Row, identity_value
-from langchain_localllms._hub import hub_snapshot, is_repo_id
-from langchain_localllms._usage import Tally
 from langchain_localllms.conversion import QUANTIZATIONS, convert_to_ctranslate2
-from langchain_localllms.prompts import ModelInfo
-from langchain_localllms.runtimes.ctranslate2 import (
+from langchain_localllms.core.events import Row, Tally
+from langchain_localllms.core.hub import hub_snapshot, is_repo_id
+from langchain_localllms.core.requests import Call, Refused
+from langchain_localllms.engines.ctranslate2 import (
     CTranslate2Engine,
     ct2_dir,
     read_json,
     source_model_type,
 )
+from langchain_localllms.llms._base import LocalLLM, identity_value
+from langchain_localllms.prompts import ModelInfo
 
 __all__ = ["CTranslate2"]
 
@@ -198,7 +200,7 @@ class CTranslate2(LocalLLM):
     batch_type: Literal["examples", "tokens"] = "examples"
     """Whether ``max_batch_size`` counts prompts or tokens."""
 
-    _call_fields: ClassVar[tuple[str, ...]] = (
+    call_fields: ClassVar[tuple[str, ...]] = (
         "max_length", "max_input_length", "min_length", "sampling_topk", "sampling_topp",
         "sampling_temperature", "repetition_penalty", "no_repeat_ngram_size",
         "disable_unk", "suppress_sequences", "end_token", "static_prompt",
@@ -206,9 +208,9 @@ class CTranslate2(LocalLLM):
         "max_batch_size", "batch_type",
     )  # fmt: skip
     _refused: ClassVar[dict[str, Refused]] = _REFUSED
-    _temperature_field: ClassVar[str | None] = "sampling_temperature"
+    temperature_field: ClassVar[str | None] = "sampling_temperature"
     _shared_fields: ClassVar[tuple[str, ...]] = ("tokenizer",)
-    _max_tokens_field: ClassVar[str | None] = "max_length"
+    max_tokens_field: ClassVar[str | None] = "max_length"
 
     _engine: CTranslate2Engine | None = PrivateAttr(default=None)
 
@@ -298,7 +300,8 @@ class CTranslate2(LocalLLM):
         assert self._engine is not None  # set by _setup
         self._engine.unload()
 
-    def _ls_model_name(self) -> str:
+    @override
+    def ls_model_name(self) -> str:
         return Path(self.model_path).name
 
     def _identity(self) -> dict[str, Any]:
@@ -324,18 +327,18 @@ class CTranslate2(LocalLLM):
         template = getattr(tok, "chat_template", None)
         return ModelInfo(
             runtime=self._llm_type,
-            model=self._ls_model_name(),
+            model=self.ls_model_name(),
             architecture=architecture,
             chat_template=template if isinstance(template, str) else None,
             bos_token=tok.bos_token or "",
             eos_token=tok.eos_token or "",
             adds_bos=bool(starts) and starts[0] == tok.bos_token_id,
-            context_length=self.max_input_length or self._engine_or_fail().trained_context,
+            context_length=self.max_input_length or self.engine.trained_context,
         )
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in this model's vocabulary (no special tokens)."""
-        return self._engine_or_fail().token_ids(text)
+        return self.engine.token_ids(text)
 
     # ---------------------------------------------------------------- converting
     @classmethod
@@ -409,18 +412,22 @@ class CTranslate2(LocalLLM):
         return cls(model_path=str(path), **kwargs)
 
     # --------------------------------------------------------------- generation
-    def _engine_or_fail(self) -> CTranslate2Engine:
-        assert self._engine is not None  # set by _setup
-        return self._engine
+    @property
+    def engine(self) -> CTranslate2Engine:
+        """The runtime engine this LLM runs on (no LangChain in it)."""
+        engine = super().engine
+        assert isinstance(engine, CTranslate2Engine)
+        return engine
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
-        yield from self._engine_or_fail().pieces(prompt, call.params, tally)
+        yield from self.engine.pieces(prompt, call, tally)
 
     def _generate_batch(self, prompts: list[str], call: Call) -> list[Row]:
-        return self._engine_or_fail().rows(prompts, call.params, call.stops)
+        return self.engine.rows(prompts, call)
 
-    def _choose(self, prompt: str, options: list[str]) -> int | None:
-        return self._engine_or_fail().choose(prompt, options)
+    @override
+    def choose(self, prompt: str, options: list[str]) -> int | None:
+        return self.engine.choose(prompt, options)
 
 
 def _tokenizer_family(tokenizer: Any) -> str | None:

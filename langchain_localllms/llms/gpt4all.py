@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
+from typing_extensions import override
 
-from langchain_localllms._base import Call, LocalLLM, Refused
-from langchain_localllms._files import cpu_count, model_file
-from langchain_localllms._usage import Tally
+from langchain_localllms.core.events import Tally
+from langchain_localllms.core.files import cpu_count, model_file
+from langchain_localllms.core.requests import Call, Refused
+from langchain_localllms.engines.gguf import gguf_metadata, gguf_special_tokens
+from langchain_localllms.engines.gpt4all import GPT4AllEngine
+from langchain_localllms.llms._base import LocalLLM
 from langchain_localllms.prompts import ModelInfo
-from langchain_localllms.runtimes.gpt4all import GPT4AllEngine
-from langchain_localllms.runtimes.llamacpp import gguf_metadata, gguf_special_tokens, gguf_token_ids
 
 
 class GPT4All(LocalLLM):
@@ -97,11 +99,11 @@ class GPT4All(LocalLLM):
     echo: bool = False
     """Return the prompt in front of the answer."""
 
-    _call_fields: ClassVar[tuple[str, ...]] = (
+    call_fields: ClassVar[tuple[str, ...]] = (
         "max_tokens", "temp", "top_k", "top_p", "min_p", "repeat_penalty",
         "repeat_last_n", "n_batch", "echo",
     )  # fmt: skip
-    _temperature_field: ClassVar[str | None] = "temp"
+    temperature_field: ClassVar[str | None] = "temp"
     # langchain_community's parameters, each with the choice made for it.
     _streaming_gates_tokens: ClassVar[bool] = True
     _refused: ClassVar[dict[str, Refused]] = {
@@ -148,6 +150,13 @@ class GPT4All(LocalLLM):
                 values["max_tokens"] = n
         return values
 
+    @property
+    def engine(self) -> GPT4AllEngine:
+        """The runtime engine this LLM runs on (no LangChain in it)."""
+        engine = super().engine
+        assert isinstance(engine, GPT4AllEngine)
+        return engine
+
     def _setup(self) -> None:
         path = model_file(self.model, kind="GGUF model", magic=b"GGUF")
         self._engine = GPT4AllEngine(
@@ -173,7 +182,8 @@ class GPT4All(LocalLLM):
         assert self._engine is not None  # set by _setup
         return self._engine.model
 
-    def _ls_model_name(self) -> str:
+    @override
+    def ls_model_name(self) -> str:
         return Path(self.model).name
 
     def _identity(self) -> dict[str, Any]:
@@ -204,8 +214,8 @@ class GPT4All(LocalLLM):
 
         llama.cpp reads it from the GGUF file: gpt4all's own bindings cannot tokenize.
         """
-        return gguf_token_ids(Path(self.model), text)
+        return self.engine.token_ids(text)
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
         assert self._engine is not None  # set by _setup
-        yield from self._engine.pieces(prompt, call.params, tally)
+        yield from self._engine.pieces(prompt, call, tally)

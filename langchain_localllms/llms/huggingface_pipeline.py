@@ -5,7 +5,7 @@ The class keeps the API of ``langchain_huggingface.HuggingFacePipeline`` (and of
 so the answer is the decoded *new* token ids: the prompt is never echoed, whatever
 the tokenizer does with spaces (``return_full_text=True`` asks for it explicitly).
 
-The work lives in :mod:`langchain_localllms.runtimes.huggingface`: ``options`` (how
+The work lives in :mod:`langchain_localllms.engines.huggingface`: ``options`` (how
 generation parameters merge, and which are refused), ``loading`` (directories, the Hub
 cache, torch and OpenVINO) and ``generation`` (the engine: streaming, batches, stops,
 grammars). This class is the LangChain face over them.
@@ -13,26 +13,26 @@ grammars). This class is the LangChain face over them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 from langchain_core.language_models.base import LangSmithParams
 from pydantic import Field, PrivateAttr, field_validator
+from typing_extensions import override
 
-from langchain_localllms._base import Call, LocalLLM, Row
-from langchain_localllms._imports import require
-from langchain_localllms._usage import Tally
-from langchain_localllms.grammars import GrammarField
-from langchain_localllms.prompts import ModelInfo
-from langchain_localllms.runtimes.huggingface.generation import HFEngine
-from langchain_localllms.runtimes.huggingface.loading import (
+from langchain_localllms.core.events import Row, Tally
+from langchain_localllms.core.imports import require
+from langchain_localllms.core.requests import Call
+from langchain_localllms.engines.huggingface.generation import HFEngine
+from langchain_localllms.engines.huggingface.loading import (
     BACKENDS,
     LoadRequest,
     NoPipeline,
     resolve_model_source,
     runs_on_cpu,
 )
-from langchain_localllms.runtimes.huggingface.options import (
+from langchain_localllms.engines.huggingface.options import (
     CONFIG_AND_GENERATION,
     CPU_BATCH_SIZE,
     DEFAULT_BATCH_SIZE,
@@ -50,6 +50,9 @@ from langchain_localllms.runtimes.huggingface.options import (
     resolve,
     valid_task,
 )
+from langchain_localllms.grammars import GrammarField
+from langchain_localllms.llms._base import LocalLLM
+from langchain_localllms.prompts import ModelInfo
 
 __all__ = ["VALID_TASKS", "HuggingFacePipeline", "resolve_model_source"]
 
@@ -157,16 +160,16 @@ class HuggingFacePipeline(LocalLLM):
     """Constrain the output: GBNF text, a :class:`Grammar`, a JSON schema dict or a
     pydantic model class (decoded through an llguidance mask)."""
 
-    _schema_engine: ClassVar[str | None] = "llguidance"
-    _call_fields: ClassVar[tuple[str, ...]] = (
+    schema_engine: ClassVar[str | None] = "llguidance"
+    call_fields: ClassVar[tuple[str, ...]] = (
         "max_new_tokens", "temperature", "do_sample", "top_k", "top_p",
         "repetition_penalty", "seed", "grammar",
     )  # fmt: skip
-    _call_only: ClassVar[tuple[str, ...]] = ("pipeline_kwargs", "skip_prompt")
+    call_only: ClassVar[tuple[str, ...]] = ("pipeline_kwargs", "skip_prompt")
     _live_fields: ClassVar[tuple[str, ...]] = ("batch_size",)
     _shared_fields: ClassVar[tuple[str, ...]] = ("pipeline",)
-    _max_tokens_field: ClassVar[str | None] = "max_new_tokens"
-    _gen_fields: ClassVar[tuple[str, ...]] = _call_fields[:6]
+    max_tokens_field: ClassVar[str | None] = "max_new_tokens"
+    _gen_fields: ClassVar[tuple[str, ...]] = call_fields[:6]
 
     _engine: HFEngine | None = PrivateAttr(default=None)
     _on_cpu: bool = PrivateAttr(default=True)
@@ -267,12 +270,12 @@ class HuggingFacePipeline(LocalLLM):
         self._layers.extend(layers)
         self._model_set = {
             k: v
-            for k, v in self._engine_or_fail().model.generation_config.to_diff_dict().items()
+            for k, v in self.engine.model.generation_config.to_diff_dict().items()
             if k != "transformers_version"
         }
-        self._settings({n: getattr(self, n) for n in self._call_fields})  # check now
+        self._settings({n: getattr(self, n) for n in self.call_fields})  # check now
         if self.grammar is not None:
-            self._engine_or_fail().compiled(self.grammar)
+            self.engine.compiled(self.grammar)
 
     def _load(self, model_kwargs: dict[str, Any]) -> None:
         """Load model and tokenizer from ``model_id`` with the chosen backend."""
@@ -326,7 +329,7 @@ class HuggingFacePipeline(LocalLLM):
             try:
                 pipe = transformers.pipeline(
                     task=task, model=model, tokenizer=tokenizer,
-                    batch_size=self._rows_per_generate(),
+                    batch_size=self.rows_per_generate(),
                     **pipe_kwargs,
                 )  # fmt: skip
             except KeyError:  # transformers 5 removed the seq2seq pipelines
@@ -334,7 +337,7 @@ class HuggingFacePipeline(LocalLLM):
         else:
             pipe = transformers.pipeline(
                 task=task, model=model, tokenizer=tokenizer,
-                batch_size=self._rows_per_generate(),
+                batch_size=self.rows_per_generate(),
                 **pipe_kwargs,
             )  # fmt: skip
         self.pipeline = pipe
@@ -390,9 +393,12 @@ class HuggingFacePipeline(LocalLLM):
             # A pipeline given with pipeline= is the caller's: its model goes with it.
             self.pipeline.model = self.pipeline.tokenizer = None
 
-    def _engine_or_fail(self) -> HFEngine:
-        assert self._engine is not None  # set by _setup
-        return self._engine
+    @property
+    def engine(self) -> HFEngine:
+        """The runtime engine this LLM runs on (no LangChain in it)."""
+        engine = super().engine
+        assert isinstance(engine, HFEngine)
+        return engine
 
     # ------------------------------------------------------------ identity
     @property
@@ -402,18 +408,19 @@ class HuggingFacePipeline(LocalLLM):
     @property
     def model(self) -> Any:
         """The underlying ``transformers`` model."""
-        return self._engine_or_fail().model
+        return self.engine.model
 
     @property
     def tokenizer(self) -> Any:
         """The underlying tokenizer."""
-        return self._engine_or_fail().tokenizer
+        return self.engine.tokenizer
 
-    def _ls_model_name(self) -> str:
+    @override
+    def ls_model_name(self) -> str:
         return str(self.model_id)
 
     def _identity(self) -> dict[str, Any]:
-        settings = self._settings({n: getattr(self, n) for n in self._call_fields})
+        settings = self._settings({n: getattr(self, n) for n in self.call_fields})
         return {
             "model_id": self._source or self.model_id,
             "task": self.task,
@@ -427,7 +434,7 @@ class HuggingFacePipeline(LocalLLM):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        gen = self._settings({n: getattr(self, n) for n in self._call_fields}).generate
+        gen = self._settings({n: getattr(self, n) for n in self.call_fields}).generate
         if "ls_temperature" not in params and gen.get("temperature") is not None:
             params["ls_temperature"] = gen["temperature"]
         if "ls_max_tokens" not in params and gen.get("max_new_tokens") is not None:
@@ -436,14 +443,14 @@ class HuggingFacePipeline(LocalLLM):
 
     def model_info(self) -> ModelInfo:
         """Architecture, chat template and special tokens from the model and tokenizer."""
-        engine = self._engine_or_fail()
+        engine = self.engine
         tok = engine.tokenizer
         with engine.tok_lock:
             ids = tok("a")["input_ids"]
         bos = tok.bos_token_id
         return ModelInfo(
             runtime=self._llm_type,
-            model=self._ls_model_name(),
+            model=self.ls_model_name(),
             architecture=getattr(engine.model.config, "model_type", None),
             chat_template=getattr(tok, "chat_template", None),
             bos_token=tok.bos_token or "",
@@ -456,7 +463,7 @@ class HuggingFacePipeline(LocalLLM):
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in this model's vocabulary (no special tokens)."""
-        return self._engine_or_fail().token_ids(text)
+        return self.engine.token_ids(text)
 
     # ------------------------------------------------------------ settings
     def _settings(
@@ -476,22 +483,27 @@ class HuggingFacePipeline(LocalLLM):
         return out
 
     def _call_settings(self, call: Call) -> Settings:
-        options = {k: call.params.get(k) for k in self._call_only}
+        options = {k: call.params.get(k) for k in self.call_only}
         return self._settings(call.params, options)
 
     # ---------------------------------------------------------- generation
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
-        settings = self._call_settings(call)
-        yield from self._engine_or_fail().pieces(prompt, settings, call.stops, tally)
+        request = dataclasses.replace(call, request=self._call_settings(call))
+        yield from self.engine.pieces(prompt, request, tally)
 
-    def _rows_per_generate(self) -> int:
+    def rows_per_generate(self) -> int:
+        """How many prompts one ``generate`` call of a batch takes.
+
+        ``batch_size``, or the device's default where it is None.
+        """
         if self.batch_size is not None:
             return self.batch_size
         return CPU_BATCH_SIZE if self._on_cpu else DEFAULT_BATCH_SIZE
 
     def _generate_batch(self, prompts: list[str], call: Call) -> list[Row] | None:
-        rows = self._rows_per_generate()
+        rows = self.rows_per_generate()
         if rows <= 1:
             return None  # one at a time through the stream, with token callbacks
-        engine = self._engine_or_fail()
-        return engine.rows(prompts, self._call_settings(call), call.stops, rows)
+        engine = self.engine
+        request = dataclasses.replace(call, request=self._call_settings(call))
+        return engine.rows(prompts, request, per_call=rows)

@@ -9,14 +9,17 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
+from typing_extensions import override
 
-from langchain_localllms._base import Call, LocalLLM, Refused, Row
-from langchain_localllms._files import cpu_count, model_file
-from langchain_localllms._hub import hub_file
-from langchain_localllms._usage import Tally
+from langchain_localllms.core.events import Row, Tally
+from langchain_localllms.core.files import cpu_count, model_file
+from langchain_localllms.core.hub import hub_file
+from langchain_localllms.core.requests import Call, Refused
+from langchain_localllms.engines.gguf import auto_context
+from langchain_localllms.engines.llamacpp import LlamaCppEngine
 from langchain_localllms.grammars import Grammar, GrammarField
+from langchain_localllms.llms._base import LocalLLM
 from langchain_localllms.prompts import ModelInfo
-from langchain_localllms.runtimes.llamacpp import LlamaCppEngine, auto_context
 
 _log = logging.getLogger(__name__)
 
@@ -162,8 +165,8 @@ class LlamaCpp(LocalLLM):
     grammar_path: str | Path | None = None
     """A ``.gbnf`` file to constrain the output with."""
 
-    _schema_engine: ClassVar[str | None] = "llguidance"
-    _call_fields: ClassVar[tuple[str, ...]] = (
+    schema_engine: ClassVar[str | None] = "llguidance"
+    call_fields: ClassVar[tuple[str, ...]] = (
         "max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
         "repeat_penalty", "frequency_penalty", "presence_penalty", "mirostat_mode",
         "mirostat_tau", "mirostat_eta", "seed", "echo", "grammar",
@@ -313,18 +316,22 @@ class LlamaCpp(LocalLLM):
     @property
     def client(self) -> Any:
         """The underlying ``llama_cpp.Llama``."""
-        return self._engine_or_fail().llm
+        return self.engine.llm
 
-    def _engine_or_fail(self) -> LlamaCppEngine:
-        assert self._engine is not None  # set by _setup
-        return self._engine
+    @property
+    def engine(self) -> LlamaCppEngine:
+        """The runtime engine this LLM runs on (no LangChain in it)."""
+        engine = super().engine
+        assert isinstance(engine, LlamaCppEngine)
+        return engine
 
     @property
     def gguf_metadata(self) -> dict[str, str]:
         """The GGUF metadata of the model (architecture, chat template, ...)."""
         return dict(self.client.metadata)
 
-    def _ls_model_name(self) -> str:
+    @override
+    def ls_model_name(self) -> str:
         return Path(self.model_path).name
 
     def model_info(self) -> ModelInfo:
@@ -336,7 +343,7 @@ class LlamaCpp(LocalLLM):
             architecture=md.get("general.architecture"),
             chat_template=md.get("tokenizer.chat_template"),
             context_length=self.client.n_ctx(),
-            **self._engine_or_fail().special_tokens(),
+            **self.engine.special_tokens(),
         )
 
     def _identity(self) -> dict[str, Any]:
@@ -354,17 +361,15 @@ class LlamaCpp(LocalLLM):
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in this model's vocabulary."""
-        return self._engine_or_fail().token_ids(text)
+        return self.engine.token_ids(text)
 
     def _pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
-        engine = self._engine_or_fail()
+        engine = self.engine
         yield from engine.pieces(
-            prompt, call.params, tally, reuse=self.cache_prompt, parallel=self.n_parallel
+            prompt, call, tally, reuse=self.cache_prompt, parallel=self.n_parallel
         )
 
     def _generate_batch(self, prompts: list[str], call: Call) -> list[Row] | None:
         if self.n_parallel <= 1:
             return None  # one at a time through the stream, with token callbacks
-        return self._engine_or_fail().rows(
-            prompts, call.params, call.stops, parallel=self.n_parallel, reuse=self.cache_prompt
-        )
+        return self.engine.rows(prompts, call, parallel=self.n_parallel, reuse=self.cache_prompt)

@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-import struct
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, PrivateAttr
 
-from langchain_localllms._base import Call
-from langchain_localllms._http import Framing
-from langchain_localllms._usage import Tally
-from langchain_localllms.grammars import Grammar, GrammarField, json_schema_of
-from langchain_localllms.grammars.schemas import prepare
+from langchain_localllms.core.http import Endpoint
+from langchain_localllms.engines.gguf import gguf_architecture
+from langchain_localllms.engines.llamaserver import (
+    SAMPLING,
+    LlamaServerEngine,
+    constraint,
+    json_schema_field,
+)
+from langchain_localllms.grammars import GrammarField
 from langchain_localllms.llms._server import ServerLLM
 from langchain_localllms.prompts import ModelInfo
-
-
-def _json_schema(value: Any) -> dict[str, Any] | None:
-    """A JSON schema from a dict, JSON text, a pydantic model or a schema Grammar."""
-    if value is None:
-        return None
-    refused = "json_schema needs a JSON schema; a GBNF grammar goes in grammar="
-    return json_schema_of(value, field="json_schema", gbnf_refused=refused)
-
-
-#: Fields sent as they are in the /completion body when set (None: server default).
-_SAMPLING = (
-    "n_predict", "temperature", "top_k", "top_p", "min_p", "tfs_z", "typical_p",
-    "repeat_penalty", "repeat_last_n", "penalize_nl", "presence_penalty",
-    "frequency_penalty", "mirostat", "mirostat_tau", "mirostat_eta", "seed", "n_keep",
-    "ignore_eos", "logit_bias", "n_probs", "cache_prompt",
-)  # fmt: skip
 
 
 class Llamafile(ServerLLM):
@@ -152,20 +138,20 @@ class Llamafile(ServerLLM):
     pydantic model. GBNF is sent as ``grammar``; a schema as ``json_schema``, which
     the llamafile fork lacks: there, send ``Grammar.from_json_schema(s).gbnf``
     (converted here by llama-cpp-python)."""
-    json_schema: Annotated[Any, BeforeValidator(_json_schema)] = None
+    json_schema: Annotated[Any, BeforeValidator(json_schema_field)] = None
     """Constrain the output to JSON matching this schema (a dict, JSON text or a
     pydantic model); upstream llama.cpp only. Give this or grammar, not both."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """More fields for the ``/completion`` body (e.g. ``dry_multiplier``), sent as
     they are. Fields of this class go in their own arguments."""
 
-    _schema_engine: ClassVar[str | None] = "llama.cpp server"
-    _tool_schema_engine: ClassVar[str | None] = "llama-cpp-python converter"
-    _call_fields: ClassVar[tuple[str, ...]] = (
-        *_SAMPLING, "grammar", "json_schema", "id_slot",
+    schema_engine: ClassVar[str | None] = "llama.cpp server"
+    tool_schema_engine: ClassVar[str | None] = "llama-cpp-python converter"
+    call_fields: ClassVar[tuple[str, ...]] = (
+        *SAMPLING, "grammar", "json_schema", "id_slot",
     )  # fmt: skip
-    _temperature_field: ClassVar[str | None] = "temperature"
-    _max_tokens_field: ClassVar[str | None] = "n_predict"
+    temperature_field: ClassVar[str | None] = "temperature"
+    max_tokens_field: ClassVar[str | None] = "n_predict"
 
     _server_name: ClassVar[str] = "the llamafile server"
     _start_hint: ClassVar[str] = (
@@ -173,12 +159,8 @@ class Llamafile(ServerLLM):
         "`llama-server -m model.gguf`), or set base_url to where it listens."
     )
     _timeout_field: ClassVar[str] = "request_timeout"
-    _route: ClassVar[str] = "/completion"
-    _stream_framing: ClassVar[Framing] = "sse"
-    #: llama.cpp's server closes the connection after every streamed reply; saying so
-    #: keeps a dead connection out of the pool.
-    _stream_headers: ClassVar[dict[str, str] | None] = {"Connection": "close"}
-    _slots_probe: ClassVar[tuple[str, str] | None] = ("/props", "total_slots")
+
+    _engine: LlamaServerEngine = PrivateAttr()
 
     def _setup(self) -> None:
         super()._setup()
@@ -187,7 +169,17 @@ class Llamafile(ServerLLM):
         if clash:
             msg = f"model_kwargs may not set {', '.join(clash)}: give them as arguments"
             raise ValueError(msg)
-        self._constraint(self.grammar, self.json_schema)
+        constraint(self.grammar, self.json_schema)
+
+    @property
+    def engine(self) -> LlamaServerEngine:
+        """The server's engine: ``/completion``, ``/props``, ``/tokenize``."""
+        engine = super().engine
+        assert isinstance(engine, LlamaServerEngine)
+        return engine
+
+    def _make_engine(self, endpoint: Endpoint) -> LlamaServerEngine:
+        return LlamaServerEngine(endpoint, streaming=self.streaming, extra_body=self.model_kwargs)
 
     @property
     def _llm_type(self) -> str:
@@ -195,72 +187,6 @@ class Llamafile(ServerLLM):
 
     def _identity(self) -> dict[str, Any]:
         return {"model_kwargs": self.model_kwargs, **super()._identity()}
-
-    # ----------------------------------------------------------------- request
-    @staticmethod
-    def _constraint(grammar: Any, json_schema: Any) -> dict[str, Any]:
-        if grammar is not None and json_schema is not None:
-            msg = "give grammar or json_schema, not both"
-            raise ValueError(msg)
-        if json_schema is not None:
-            return {"json_schema": _json_schema(json_schema)}
-        if grammar is None:
-            return {}
-        g: Grammar = grammar
-        if g.schema is None:
-            return {"grammar": g.gbnf}
-        # What the server's converter cannot enforce is refused, or left out where the
-        # grammar is lenient (strict=False): the answer is validated against it after.
-        return {
-            "json_schema": prepare(g.schema, "llama.cpp server", strict=not g.lenient, warn=False)
-        }
-
-    def _body(self, prompt: str, call: Call) -> dict[str, Any]:
-        p = call.params
-        body: dict[str, Any] = {"prompt": prompt, "stream": self.streaming}
-        body.update({k: p[k] for k in _SAMPLING if p[k] is not None})
-        if call.stops:
-            body["stop"] = call.stops
-        body.update(self._constraint(p["grammar"], p["json_schema"]))
-        if p["id_slot"] is not None:
-            body["id_slot"] = body["slot_id"] = p["id_slot"]
-        body.update(self.model_kwargs)
-        return body
-
-    # ------------------------------------------------------------------- reply
-    def _is_final(self, message: dict[str, Any]) -> bool:
-        return message.get("stop") is True
-
-    def _take(self, message: dict[str, Any], tally: Tally) -> str:
-        content = message.get("content") or ""
-        predicted = message.get("tokens_predicted")
-        if isinstance(predicted, int):
-            tally.completion_tokens = predicted
-        elif content and not self._is_final(message):
-            tally.completion_tokens += 1  # the fork's pieces carry no count: one token each
-        if isinstance(message.get("tokens_evaluated"), int):
-            tally.prompt_tokens = message["tokens_evaluated"]
-        probs = message.get("completion_probabilities")
-        if probs:
-            tally.extra.setdefault("completion_probabilities", []).extend(probs)
-        if self._is_final(message):
-            _finish(message, tally)
-        return str(content)
-
-    def _describe_status(self, status: int, text: str) -> str | None:
-        url = self._endpoint().url
-        if status == 404:
-            return (
-                f"{url} has no /completion route (HTTP 404: {text}). Is it "
-                "a llamafile or llama.cpp server? (Ollama listens on port 11434 and "
-                "speaks /api/generate: use langchain_localllms.Ollama for it.)"
-            )
-        if status == 503:
-            return (
-                f"the llamafile server at {url} is not ready (HTTP 503: "
-                f"{text}); it is still loading the model, try again in a moment"
-            )
-        return None
 
     # ------------------------------------------------------------------ extras
     def model_info(self) -> ModelInfo:
@@ -271,13 +197,13 @@ class Llamafile(ServerLLM):
         read from the GGUF file's header where the server runs on this machine (the
         file at the reported ``model_path`` can be read), else it is None.
         """
-        props = self._endpoint().request_json("/props", method="GET")
+        props = self._engine.props()
         settings = props.get("default_generation_settings") or {}
         path = props.get("model_path") or settings.get("model") or "llamafile"
         return ModelInfo(
             runtime=self._llm_type,
             model=str(path).rsplit("/", 1)[-1],
-            architecture=_gguf_architecture(str(path)),
+            architecture=gguf_architecture(str(path)),
             chat_template=props.get("chat_template") or None,
             bos_token=props.get("bos_token") or "",
             eos_token=props.get("eos_token") or "",
@@ -286,78 +212,7 @@ class Llamafile(ServerLLM):
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in the served model's vocabulary (``POST /tokenize``)."""
-        reply = self._endpoint().request_json("/tokenize", {"content": text})
-        return [int(t) for t in reply["tokens"]]
-
-
-#: Sizes of GGUF's fixed-size metadata value types (by type id).
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _gguf_architecture(path: str) -> str | None:
-    """``general.architecture`` from a GGUF file's header; None if it cannot be read.
-
-    Reads the metadata up to that key (llama.cpp writes it first), never the weights.
-    """
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF" or struct.unpack("<I", f.read(4))[0] < 2:
-                return None
-            _, n_kv = struct.unpack("<QQ", f.read(16))
-
-            def string() -> bytes:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > 1 << 20:
-                    raise ValueError(n)
-                return f.read(n)
-
-            for _ in range(min(n_kv, 64)):
-                key = string()
-                (kind,) = struct.unpack("<I", f.read(4))
-                if kind == _GGUF_STRING:
-                    value = string()
-                    if key == b"general.architecture":
-                        return value.decode("utf-8")
-                elif kind in _GGUF_SIZES:
-                    f.seek(_GGUF_SIZES[kind], 1)
-                elif kind == _GGUF_ARRAY:
-                    item, count = struct.unpack("<IQ", f.read(12))
-                    if item not in _GGUF_SIZES:
-                        return None  # an array of strings (the vocabulary): stop here
-                    f.seek(_GGUF_SIZES[item] * count, 1)
-                else:
-                    return None
-    except (OSError, ValueError, struct.error, UnicodeDecodeError):
-        return None
-    return None
-
-
-def _finish(message: dict[str, Any], tally: Tally) -> None:
-    """Usage, timings and the stop reason from the final message (both dialects)."""
-    timings = message.get("timings") or {}
-    prompt = message.get("tokens_evaluated", timings.get("prompt_n"))
-    predicted = message.get("tokens_predicted", timings.get("predicted_n"))
-    if isinstance(prompt, int):
-        tally.prompt_tokens = prompt
-    if isinstance(predicted, int):
-        tally.completion_tokens = predicted
-    if isinstance(timings.get("prompt_ms"), (int, float)):
-        tally.prompt_ms = float(timings["prompt_ms"])
-    if isinstance(timings.get("predicted_ms"), (int, float)):
-        tally.completion_ms = float(timings["predicted_ms"])
-    stop_type = message.get("stop_type")
-    if stop_type is not None:  # upstream llama.cpp: none | eos | limit | word
-        limit, word = stop_type == "limit", stop_type == "word"
-    else:  # the llamafile fork
-        limit, word = bool(message.get("stopped_limit")), bool(message.get("stopped_word"))
-    tally.finish_reason = "length" if limit else "stop"
-    if word and message.get("stopping_word"):
-        tally.stop_sequence = str(message["stopping_word"])
-    if message.get("model"):
-        tally.extra["model"] = message["model"]
-    if message.get("truncated"):
-        tally.extra["prompt_truncated"] = True
+        return self._engine.token_ids(text)
 
 
 __all__ = ["Llamafile"]

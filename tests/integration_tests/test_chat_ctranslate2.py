@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 import modelkit
 from langchain_localllms import ChatCTranslate2
-from langchain_localllms.chat_models._tools import ToolCallError, ToolSpec
+from langchain_localllms.chat_models._tools import ToolCallError
 from tests.integration_tests.chat_suite import NO_CALL, Expected, OneLoad, in_process
 
 pytest.importorskip("ctranslate2")
@@ -89,14 +89,12 @@ def add(a: int, b: int) -> int:
 def test_the_gemma_turn_format_is_used_for_a_model_converted_elsewhere(gemma_chat):
     # ct2-transformers-converter writes no model type; the tokenizer names the family.
     assert gemma_chat.model_info().architecture == "gemma"
-    prompt = gemma_chat._turn([SystemMessage("Be brief."), HumanMessage("Hi")], {}).prompt
+    prompt = gemma_chat.prepare([SystemMessage("Be brief."), HumanMessage("Hi")]).prompt
     assert prompt == "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
 
 
 def test_a_forced_call_starts_written_and_is_validated(gemma_chat):
-    turn = gemma_chat._turn(
-        [HumanMessage("What is 2 plus 40?")], {"tools": [add], "tool_choice": "add"}
-    )
+    turn = gemma_chat.prepare([HumanMessage("What is 2 plus 40?")], tools=[add], tool_choice="add")
     assert turn.prompt.endswith('<start_of_turn>model\n{"name": "add", "arguments": {"a": ')
     assert "grammar" not in turn.options  # nothing to constrain with
     message = gemma_chat.bind_tools([add], tool_choice="add").invoke("What is 2 plus 40?")
@@ -130,10 +128,12 @@ def test_of_several_tools_the_model_scores_which_to_call(gemma_chat):
         chat.invoke(q).tool_calls[0]["name"] for q in ("What is 2 plus 40?", "Weather in Paris?")
     }
     assert names <= {"add", "get_weather"}
-    scored = gemma_chat._chosen(
-        "Weather in Paris? Call: ", [ToolSpec.of(add), ToolSpec.of(get_weather)]
+    # The forced call's opening names the one tool the model scored likeliest.
+    turn = gemma_chat.prepare(
+        [HumanMessage("Weather in Paris?")], tools=[add, get_weather], tool_choice="any"
     )
-    assert len(scored) == 1
+    opened = [n for n in ("add", "get_weather") if f'"name": "{n}"' in turn.prefix]
+    assert len(opened) == 1
 
 
 def test_an_invalid_call_is_an_error_that_says_what_is_wrong(gemma_chat):

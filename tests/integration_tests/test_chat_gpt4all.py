@@ -106,16 +106,15 @@ def test_the_template_comes_from_the_gguf(chat):
     info = chat.model_info()
     assert info.chat_template
     assert info.architecture == "llama"
-    prompt = chat._turn([SystemMessage("S"), HumanMessage("Hi")], {}).prompt
+    prompt = chat.prepare([SystemMessage("S"), HumanMessage("Hi")]).prompt
     assert prompt == (
-        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
 
 
 def test_a_call_that_does_not_validate_is_an_error_never_a_wrong_call(chat):
     # Noise from random weights: not a valid call, and the error says what is wrong.
-    turn = chat._turn([HumanMessage("2+40?")], {"tools": [add], "tool_choice": "add"})
+    turn = chat.prepare([HumanMessage("2+40?")], tools=[add], tool_choice="add")
     assert turn.prompt.endswith('{"name": "add", "arguments": {"a": ')
     with pytest.raises(ToolCallError, match=r"add|JSON|max_tokens"):
         chat.bind_tools([add], tool_choice="add").invoke("2+40?")

@@ -195,7 +195,7 @@ def test_a_conversation_renders_in_gemmas_format(gemma_chat):
         AIMessage("", tool_calls=[call]),
         ToolMessage("sunny", tool_call_id="call_1", name="get_weather"),
     ]
-    prompt = gemma_chat._turn(turns, {}).prompt
+    prompt = gemma_chat.prepare(turns).prompt
     # The tokenizer adds <bos> itself: the prompt does not carry it.
     assert prompt.startswith("<start_of_turn>user\nBe brief.\n\nWeather in Rome?<end_of_turn>\n")
     assert '<start_of_turn>model\n{"name": "get_weather", "arguments": {"city": "Rome"}}' in prompt
@@ -207,7 +207,7 @@ def test_a_conversation_renders_in_gemmas_format(gemma_chat):
 
 def test_the_template_comes_from_the_tokenizer(tiny_llm):
     chat = ChatHuggingFace(llm=tiny_llm)
-    prompt = chat._turn([SystemMessage("S"), HumanMessage("Hi")], {}).prompt
+    prompt = chat.prepare([SystemMessage("S"), HumanMessage("Hi")]).prompt
     expected = (
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -219,7 +219,7 @@ def test_tokenizer_gives_another_models_template(tiny_llm):
     # As in langchain_huggingface: tokenizer= supplies the chat template.
     chat = ChatHuggingFace(llm=gemma_llm(), tokenizer=tiny_llm.tokenizer)
     assert chat.chat_template == tiny_llm.tokenizer.chat_template
-    assert "<|im_start|>user\nHi<|im_end|>" in chat._turn([HumanMessage("Hi")], {}).prompt
+    assert "<|im_start|>user\nHi<|im_end|>" in chat.prepare([HumanMessage("Hi")]).prompt
     with pytest.raises(ValueError, match="carries no chat_template"):
         ChatHuggingFace(llm=tiny_llm, tokenizer=gemma_llm().tokenizer)
     with pytest.raises(ValueError, match="not both"):
@@ -274,4 +274,4 @@ def test_from_model_id_keeps_chat_arguments_with_the_chat_model():
     )
     assert chat.chat_template == own
     assert chat.max_new_tokens == 3
-    assert chat._turn([HumanMessage("Hi")], {}).prompt == "Hi\n"
+    assert chat.prepare([HumanMessage("Hi")]).prompt == "Hi\n"

@@ -111,7 +111,7 @@ def test_a_conversation_with_tool_calls_renders_in_the_model_format(gemma_chat):
         AIMessage("", tool_calls=[call]),
         ToolMessage("sunny", tool_call_id="call_1", name="get_weather"),
     ]
-    prompt = gemma_chat._turn(turns, {}).prompt
+    prompt = gemma_chat.prepare(turns).prompt
     # Gemma's turn format (the GGUF carries no template): the system text opens the
     # first user turn, the call is the model's turn, the result a user turn.
     assert prompt.startswith("<start_of_turn>user\nBe brief.\n\nWeather in Rome?<end_of_turn>\n")
@@ -124,14 +124,14 @@ def test_a_conversation_with_tool_calls_renders_in_the_model_format(gemma_chat):
 def test_the_template_of_the_file_is_used_and_can_be_replaced():
     path = str(modelkit.prepare("tiny-chat-gguf"))
     with ChatLlamaCpp(model_path=path, n_ctx=1024, max_tokens=4, temperature=0) as chat:
-        prompt = chat._turn([SystemMessage("S"), HumanMessage("Hi")], {}).prompt
+        prompt = chat.prepare([SystemMessage("S"), HumanMessage("Hi")]).prompt
         assert prompt == (
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
             "<|im_start|>assistant\n"
         )
     own = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
     with ChatLlamaCpp(model_path=path, n_ctx=1024, max_tokens=4, chat_template=own) as chat:
-        assert chat._turn([HumanMessage("Hi")], {}).prompt == "[user] Hi\n[assistant] "
+        assert chat.prepare([HumanMessage("Hi")]).prompt == "[user] Hi\n[assistant] "
         assert chat.invoke("Hi").usage_metadata["input_tokens"] > 0
 
 
@@ -188,7 +188,7 @@ def test_a_hermes_template_gets_the_tools_and_calls_in_its_own_syntax(hermes_cha
         AIMessage("", tool_calls=[call]),
         ToolMessage("3", tool_call_id="call_1"),
     ]
-    prompt = hermes_chat._turn(turns, {"tools": [add], "tool_choice": "auto"}).prompt
+    prompt = hermes_chat.prepare(turns, tools=[add], tool_choice="auto").prompt
     assert '"name": "add"' in prompt.split("</tools>")[0]  # the template listed the tool
     assert "You can call these tools" not in prompt  # and our own listing is not needed
     assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in prompt

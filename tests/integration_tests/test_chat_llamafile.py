@@ -21,8 +21,8 @@ from pydantic import BaseModel
 from langchain_localllms import ChatLlamafile, Llamafile
 from langchain_localllms.chat_models.llamafile import (
     LLAMA_CPP_FALLBACK,
-    _served_template,
-    _squeezed,
+    served_template,
+    squeezed,
 )
 from langchain_localllms.prompts import FORMATS, ModelInfo
 from tests.integration_tests.chat_suite import CUT_JSON, JUDGEMENT, Expected
@@ -119,7 +119,7 @@ def test_a_gguf_without_template_gets_its_familys_format_not_the_servers_chatml(
     # llama.cpp's ChatML fallback; the chat model reads the architecture from the GGUF
     # header and uses Gemma's turn format, as ChatLlamaCpp does on the same file.
     info = gemma_chat.model_info()
-    assert _squeezed(info.chat_template) == _squeezed(LLAMA_CPP_FALLBACK)
+    assert squeezed(info.chat_template) == squeezed(LLAMA_CPP_FALLBACK)
     assert info.architecture == "gemma3"
     call = {"name": "get_weather", "args": {"city": "Rome"}, "id": "call_1", "type": "tool_call"}
     turns = [
@@ -128,7 +128,7 @@ def test_a_gguf_without_template_gets_its_familys_format_not_the_servers_chatml(
         AIMessage("", tool_calls=[call]),
         ToolMessage("sunny", tool_call_id="call_1", name="get_weather"),
     ]
-    prompt = gemma_chat._turn(turns, {}).prompt
+    prompt = gemma_chat.prepare(turns).prompt
     assert prompt.startswith("<start_of_turn>user\nBe brief.\n\nWeather in Rome?<end_of_turn>\n")
     assert '<start_of_turn>model\n{"name": "get_weather", "arguments": {"city": "Rome"}}' in prompt
     assert "<start_of_turn>user\nResult of get_weather: sunny<end_of_turn>" in prompt
@@ -156,24 +156,24 @@ def test_what_the_server_reports_picks_the_template():
     info = ModelInfo(runtime="llamafile", model="m.gguf", architecture="gemma3")
     own = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     # The file's own template is used as it is.
-    assert _served_template(ModelInfo(**{**vars(info), "chat_template": own})) is None
+    assert served_template(ModelInfo(**{**vars(info), "chat_template": own})) is None
     # llama.cpp's fallback: the family's format where there is one, else the fallback.
     fallback = ModelInfo(**{**vars(info), "chat_template": LLAMA_CPP_FALLBACK})
-    assert _served_template(fallback) == FORMATS["gemma"]
+    assert served_template(fallback) == FORMATS["gemma"]
     unknown = ModelInfo(**{**vars(fallback), "architecture": None})
-    assert _served_template(unknown) is None
+    assert served_template(unknown) is None
     # `llama-server --chat-template gemma` reports the bare name.
     assert (
-        _served_template(ModelInfo(**{**vars(info), "chat_template": "gemma"})) == FORMATS["gemma"]
+        served_template(ModelInfo(**{**vars(info), "chat_template": "gemma"})) == FORMATS["gemma"]
     )
     with pytest.raises(ValueError, match="--chat-template"):
-        _served_template(ModelInfo(**{**vars(info), "chat_template": "deepseek3"}))
+        served_template(ModelInfo(**{**vars(info), "chat_template": "deepseek3"}))
 
 
 def test_chat_template_replaces_the_servers():
     own = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
     chat = ChatLlamafile(base_url=llama_server().url, chat_template=own, max_tokens=2)
-    assert chat._turn([HumanMessage("Hi")], {}).prompt == "[user] Hi\n[assistant] "
+    assert chat.prepare([HumanMessage("Hi")]).prompt == "[user] Hi\n[assistant] "
     assert chat.invoke("Hi").usage_metadata["output_tokens"] <= 2
 
 

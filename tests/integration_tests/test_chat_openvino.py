@@ -76,7 +76,7 @@ def test_openvino_gemma_chats_in_gemmas_format():
     chat = ChatHuggingFace(llm=gemma_ov(), max_tokens=4)
     assert chat.llm.backend == "openvino"
     assert chat.model_info().architecture == "gemma3_text"
-    prompt = chat._turn([SystemMessage("Be brief."), HumanMessage("Hi")], {}).prompt
+    prompt = chat.prepare([SystemMessage("Be brief."), HumanMessage("Hi")]).prompt
     assert prompt == "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
     reply = chat.invoke([SystemMessage("Be brief."), HumanMessage("Hi")])
     assert reply.usage_metadata["input_tokens"] == len(chat.get_token_ids(prompt)) + 1
@@ -108,6 +108,6 @@ def test_bounded_fields_validate_on_openvino():
 
 def test_the_tiny_models_template_comes_from_its_tokenizer():
     chat = ChatHuggingFace(llm=tiny_chat_ov())
-    prompt = chat._turn([HumanMessage("Hi")], {}).prompt
+    prompt = chat.prepare([HumanMessage("Hi")]).prompt
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert chat.invoke("Hi").usage_metadata["output_tokens"] <= 4

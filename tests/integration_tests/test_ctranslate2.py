@@ -71,7 +71,7 @@ class Spy:
 def spy(monkeypatch):
     def install(llm: CTranslate2) -> Spy:
         s = Spy(llm.client)
-        monkeypatch.setattr(llm._engine.shared, "_box", [s])  # the Generator every call uses
+        monkeypatch.setattr(llm.engine.shared, "_box", [s])  # the Generator every call uses
         return s
 
     return install
@@ -154,7 +154,7 @@ def test_greedy_tokens_are_those_of_transformers(
     hf = AutoModelForCausalLM.from_pretrained(str(model_path(hf_name)), dtype=torch.float32)
     hf.eval()
     tok = llm.tokenizer
-    ends = set(llm._engine._end_ids)
+    ends = set(llm.engine.end_ids)
     s = spy(llm)
     for prompt in prompts:
         ids = tok(prompt)["input_ids"]
@@ -638,7 +638,7 @@ async def test_a_cancelled_abatch_stops_the_native_batch_at_the_next_step(gemma,
         return real(*args, callback=counting, **kwargs)
 
     monkeypatch.setattr(
-        gemma._engine.shared,
+        gemma.engine.shared,
         "_box",
         [types.SimpleNamespace(generate_batch=spy, model_is_loaded=True)],
     )

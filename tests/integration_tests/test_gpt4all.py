@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import langchain_localllms._base as base
+import langchain_localllms.core.requests as requests
 from langchain_localllms import GPT4All, LlamaCpp
 from tests.integration_tests.contract import LLMContract, Recorder
 
@@ -53,7 +53,7 @@ def test_missing_file_and_community_parameters(tmp_path, model_path, monkeypatch
     with pytest.raises(FileNotFoundError, match=r"missing\.gguf"):
         GPT4All(model=str(tmp_path / "missing.gguf"))
     path = str(model_path("tiny-gguf"))
-    monkeypatch.setattr(base, "_WARNED", set())
+    monkeypatch.setattr(requests, "_WARNED", set())
     # langchain_community took these and gpt4all ignores them: taken, with a warning.
     for name, value in (("f16_kv", True), ("seed", 3), ("use_mlock", True), ("n_parts", 2)):
         with pytest.warns(UserWarning, match=f"GPT4All ignores {name}={value}"):

@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from langchain_localllms import Grammar, HuggingFacePipeline
-from langchain_localllms._files import cpu_count
-from langchain_localllms._native import native_thread
+from langchain_localllms.core.files import cpu_count
+from langchain_localllms.core.threads import native_thread
 from tests.integration_tests.contract import PROMPT, LLMContract
 
 GREEDY = {"temperature": 0, "max_new_tokens": 16}

@@ -13,9 +13,9 @@ import pydantic
 import pytest
 from langchain_core.callbacks import CallbackManager, StreamingStdOutCallbackHandler
 
-import langchain_localllms._base as base
+import langchain_localllms.core.requests as requests
 from langchain_localllms import Grammar, LlamaCpp
-from langchain_localllms._native import native_thread
+from langchain_localllms.core.threads import native_thread
 from langchain_localllms.errors import ContextOverflowError
 from tests.integration_tests.contract import PROMPT, LLMContract, Recorder
 
@@ -64,7 +64,7 @@ def test_defaults_are_fast_ones(model_path):
     llm = LlamaCpp(model_path=str(model_path("tiny-gguf")))
     assert llm.n_batch == 512
     assert llm.client.n_batch == 512
-    from langchain_localllms._files import cpu_count
+    from langchain_localllms.core.files import cpu_count
 
     assert llm.client.context_params.n_threads == cpu_count()
     assert llm.verbose is False
@@ -201,7 +201,7 @@ def test_calls_from_threads_join_one_batch_and_answer_as_single_calls(gemma_exac
         return gen.text, _without_timings(gen.generation_info)
 
     expected = [generate(p) for p in MOON]
-    batcher = gemma_exact._engine._batcher
+    batcher = gemma_exact.engine.batcher
     batcher.widest = 0
     assert _in_threads(generate, MOON) == expected  # texts, usage, finish reasons
     assert batcher.widest > 1  # they ran in one batch, not one after another
@@ -215,7 +215,7 @@ def test_threads_share_one_instance_with_repacked_weights(gemma):
     # Repacked weights round rows of a wide batch otherwise than a single call, so
     # an answer may differ from its single call's where two tokens nearly tie; every
     # thread still gets its own prompt's answer, decoded in one batch.
-    batcher = gemma._engine._batcher
+    batcher = gemma.engine.batcher
     batcher.widest = 0
     singles = [gemma.invoke(p) for p in MOON]
     answers = _in_threads(gemma.invoke, MOON)
@@ -227,7 +227,7 @@ def test_threads_share_one_instance_with_repacked_weights(gemma):
 
 def test_concurrent_async_calls_join_one_batch(gemma_exact):
     expected = [gemma_exact.invoke(p) for p in MOON[:4]]
-    batcher = gemma_exact._engine._batcher
+    batcher = gemma_exact.engine.batcher
     batcher.widest = 0
 
     async def main():
@@ -240,7 +240,7 @@ def test_concurrent_async_calls_join_one_batch(gemma_exact):
 def test_streams_read_in_turn_decode_together_and_one_closed_early_frees_its_place(gemma_exact):
     a, b = MOON[0], MOON[1]
     want_a, want_b = gemma_exact.invoke(a), gemma_exact.invoke(b)
-    batcher = gemma_exact._engine._batcher
+    batcher = gemma_exact.engine.batcher
     batcher.widest = 0
     first = gemma_exact.stream(a)
     second = gemma_exact.stream(b)
@@ -261,7 +261,7 @@ def test_a_batch_and_a_call_from_another_thread_share_the_batch(gemma_exact):
     expected = [gemma_exact.invoke(p) for p in MOON]
     out = {}
     thread = threading.Thread(target=lambda: out.update(single=gemma_exact.invoke(MOON[7])))
-    batcher = gemma_exact._engine._batcher
+    batcher = gemma_exact.engine.batcher
     batcher.widest = 0
     thread.start()
     got = gemma_exact.batch(MOON[:7])
@@ -310,7 +310,7 @@ def test_echo_is_never_cut_by_a_stop_in_the_prompt(gemma):
 
 def test_community_parameters_are_taken_and_model_kwargs_cannot_disagree(model_path, monkeypatch):
     path = str(model_path("tiny-gguf"))
-    monkeypatch.setattr(base, "_WARNED", set())
+    monkeypatch.setattr(requests, "_WARNED", set())
     # langchain_community's own defaults pass as they are
     LlamaCpp(model_path=path, n_ctx=256, n_parts=-1, vocab_only=False, client=None)
     with pytest.warns(UserWarning, match="LlamaCpp ignores n_parts=2"):
@@ -371,10 +371,10 @@ def test_n_ctx_auto_takes_the_trained_context_and_fits_a_long_prompt(model_path)
 
 
 def test_n_ctx_auto_is_capped_by_the_memory_available(model_path, monkeypatch):
-    from langchain_localllms.runtimes import llamacpp as runtime
+    from langchain_localllms.engines import gguf as runtime
 
     # Gemma-3-270M's KV cache: 18 layers x 1 KV head x (256 + 256) x 2 bytes = 18 KiB a token.
-    monkeypatch.setattr(runtime, "_available_memory", lambda: 200 * 2**20)
+    monkeypatch.setattr(runtime, "available_memory", lambda: 200 * 2**20)
     n_ctx, why = runtime.auto_context(Path(model_path("gemma-gguf")), kv_bytes=2)
     assert n_ctx == (100 * 2**20 // (18 * 1024)) // 256 * 256  # half of it, in steps of 256
     assert "32768" in why
@@ -384,7 +384,7 @@ def test_n_ctx_auto_is_capped_by_the_memory_available(model_path, monkeypatch):
 
 
 def test_n_ctx_auto_needs_the_trained_context_in_the_file(model_path, monkeypatch):
-    from langchain_localllms.runtimes import llamacpp as runtime
+    from langchain_localllms.engines import gguf as runtime
 
     monkeypatch.setattr(runtime, "gguf_metadata", lambda path: {"general.architecture": "x"})
     with pytest.raises(ValueError, match=r"x\.context_length; give n_ctx as a number"):
@@ -417,12 +417,12 @@ def tiny_batch(model_path):
 
 def test_a_batch_decodes_its_prompts_together_and_answers_as_single_calls(tiny_batch):
     expected = [tiny_batch.invoke(p) for p in TINY_PROMPTS]
-    before = tiny_batch._engine.prefilled
+    before = tiny_batch.engine.prefilled
     assert tiny_batch.batch(TINY_PROMPTS) == expected
     assert asyncio.run(tiny_batch.abatch(TINY_PROMPTS)) == expected
-    slots = tiny_batch._engine._slots_box[0]  # the batch context: 2 KV streams
+    slots = tiny_batch.engine.batch_slots  # the batch context: 2 KV streams
     assert slots.n_seq == 2
-    assert tiny_batch._engine.prefilled > before  # the batch evaluated its prompts itself
+    assert tiny_batch.engine.prefilled > before  # the batch evaluated its prompts itself
 
 
 def test_batch_usage_and_finish_reasons_are_those_of_single_calls(tiny_batch):
@@ -485,7 +485,7 @@ def test_batch_gives_an_over_long_prompt_its_own_error(model_path):
 def test_n_parallel_1_generates_one_prompt_at_a_time(model_path):
     llm = LlamaCpp(model_path=str(model_path("tiny-gguf")), n_ctx=256, n_parallel=1, **GREEDY)
     assert llm.batch(TINY_PROMPTS[:3]) == [llm.invoke(p) for p in TINY_PROMPTS[:3]]
-    assert llm._engine._slots_box == []  # no batch context was made
+    assert llm.engine.batch_slots is None  # no batch context was made
 
 
 FEW_SHOT = "".join(f"Q: What is {i} plus {i + 1}? A: {2 * i + 1}.\n" for i in range(50))
@@ -501,9 +501,9 @@ def test_a_shared_prefix_is_prefilled_once_and_answers_as_a_cold_call(model_path
     assert prefix_tokens > 768
     gemma.invoke(FEW_SHOT + QUESTIONS[0])
     for q in QUESTIONS[1:]:
-        before = gemma._engine.prefilled
+        before = gemma.engine.prefilled
         gen = gemma.generate([FEW_SHOT + q]).generations[0][0]
-        evaluated = gemma._engine.prefilled - before
+        evaluated = gemma.engine.prefilled - before
         info = gen.generation_info
         assert info["cached_tokens"] >= prefix_tokens // 256 * 256
         assert evaluated == info["prompt_tokens"] - info["cached_tokens"]
@@ -525,10 +525,10 @@ def test_cache_prompt_false_prefills_every_prompt_whole(model_path):
     )
     few_shot = FEW_SHOT[: len(FEW_SHOT) // 2]  # ~600 tokens of the tiny model's
     llm.invoke(few_shot + QUESTIONS[0])
-    before = llm._engine.prefilled
+    before = llm.engine.prefilled
     gen = llm.generate([few_shot + QUESTIONS[1]]).generations[0][0]
     assert gen.generation_info["cached_tokens"] == 0
-    assert llm._engine.prefilled - before == gen.generation_info["prompt_tokens"]
+    assert llm.engine.prefilled - before == gen.generation_info["prompt_tokens"]
 
 
 def test_a_batch_shares_its_prompts_prefix_between_sequences(tiny_batch):

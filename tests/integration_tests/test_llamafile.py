@@ -164,7 +164,7 @@ async def test_abatch_of_8_keeps_all_4_slots_busy(server):
     # max_concurrency unset: one request per slot the server reports in /props (read
     # from the server, not the fallback of 4, which equals this server's slot count).
     assert busiest == server.parallel == 4
-    assert llm._slots == server.parallel
+    assert llm.engine.reported_slots == server.parallel
     # Each answer came back in its prompt's place: it starts as that prompt's own
     # greedy answer does (batched decoding may round near-ties differently later on).
     starts = [llm.invoke(p, n_predict=3) for p in prompts]

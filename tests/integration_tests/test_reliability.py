@@ -465,9 +465,9 @@ def test_native_builds_have_no_amx_kernels_and_load_without_warning() -> None:
     assert found == 0 or native.amx_wanted(), f"{found} native builds contain AMX kernels"
     import warnings
 
-    from langchain_localllms.runtimes import llamacpp
+    from langchain_localllms.engines import gguf
 
-    llamacpp._AMX_CHECKED = False
+    gguf._AMX_CHECKED = False
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         LlamaCpp(model_path=tiny(), n_ctx=64)

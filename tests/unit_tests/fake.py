@@ -7,8 +7,9 @@ import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from langchain_localllms._base import Call, LocalLLM, Row
-from langchain_localllms._usage import Tally
+from langchain_localllms.core.events import Row, Tally
+from langchain_localllms.core.requests import Call
+from langchain_localllms.llms._base import LocalLLM
 
 
 class ScriptedLLM(LocalLLM):
@@ -23,8 +24,8 @@ class ScriptedLLM(LocalLLM):
     refuse: str | None = None
     """Prompts containing this fail at once with ValueError (like an over-long prompt)."""
 
-    _call_fields: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature")
-    _call_only: ClassVar[tuple[str, ...]] = ("grammar",)
+    call_fields: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature")
+    call_only: ClassVar[tuple[str, ...]] = ("grammar",)
 
     streams_closed: ClassVar[list[bool]] = []
     produced: ClassVar[list[str]] = []
@@ -54,7 +55,6 @@ class ScriptedLLM(LocalLLM):
                 yield piece
         finally:
             self.streams_closed.append(True)
-
 
     def _check(self, prompt: str) -> None:
         if self.refuse is not None and self.refuse in prompt:

@@ -45,7 +45,9 @@ def test_usage_and_finish_reason():
         i["completion_tokens"] == 5 and i["total_tokens"] == i["prompt_tokens"] + 5 for i in infos
     )
     assert result.llm_output["token_usage"] == {
-        "prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13
+        "prompt_tokens": 3,
+        "completion_tokens": 10,
+        "total_tokens": 13,
     }
     assert infos[0]["finish_reason"] == "stop"
     assert infos[0]["timings"]["completion_ms"] >= 0

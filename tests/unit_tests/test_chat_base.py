@@ -16,8 +16,8 @@ from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel
 
-from langchain_localllms._base import LocalLLM
 from langchain_localllms.chat_models._base import LocalChatModel
+from langchain_localllms.llms._base import LocalLLM
 from langchain_localllms.prompts import ModelInfo
 from tests.unit_tests.fake import BatchingLLM, ScriptedLLM
 
@@ -37,7 +37,7 @@ class Scripted(ScriptedLLM):
 
 
 class Grammarless(Scripted):
-    _call_only: ClassVar[tuple[str, ...]] = ()
+    call_only: ClassVar[tuple[str, ...]] = ()
 
 
 class Batching(BatchingLLM):
@@ -104,15 +104,15 @@ def test_text_that_only_looks_like_a_tag_stays_the_answer(pieces):
 
 
 def test_reasoning_false_turns_thinking_off_in_the_prompt():
-    on = Chat(chat_template=SWITCH, reasoning=True)._turn([HumanMessage("Hi")], {}).prompt
-    off = Chat(chat_template=SWITCH, reasoning=False)._turn([HumanMessage("Hi")], {}).prompt
+    on = Chat(chat_template=SWITCH, reasoning=True).prepare([HumanMessage("Hi")]).prompt
+    off = Chat(chat_template=SWITCH, reasoning=False).prepare([HumanMessage("Hi")]).prompt
     assert off == on + "(no thinking)"
     # A template that always thinks: the thought is closed before it starts.
-    closed = Chat(chat_template=ALWAYS, reasoning=False)._turn([HumanMessage("Hi")], {})
+    closed = Chat(chat_template=ALWAYS, reasoning=False).prepare([HumanMessage("Hi")])
     assert closed.prompt.endswith("[assistant] <think>\n\n</think>\n\n")
     assert not closed.thinking
-    tagless = Chat(chat_template=PLAIN + "{# <think> #}", reasoning=False)._turn(
-        [HumanMessage("Hi")], {}
+    tagless = Chat(chat_template=PLAIN + "{# <think> #}", reasoning=False).prepare(
+        [HumanMessage("Hi")]
     )
     assert tagless.prompt.endswith("[assistant] <think>\n\n</think>\n\n")
     with pytest.raises(ValueError, match="no thinking switch"):
@@ -125,7 +125,7 @@ def test_a_forced_call_is_started_in_the_prompt_and_ends_with_its_json():
     Scripted.produced.clear()
     chat = GrammarlessChat(pieces=["2", ', "b": 40', "}}", "\nThat is all.", " More."])
     chat = chat.model_copy(update={"chat_template": PLAIN})
-    turn = chat._turn([HumanMessage("2+40?")], {"tools": [add], "tool_choice": "any"})
+    turn = chat.prepare([HumanMessage("2+40?")], tools=[add], tool_choice="any")
     assert turn.prompt.endswith('[assistant] {"name": "add", "arguments": {"a": ')
     assert "grammar" not in turn.options
     message = chat.bind_tools([add], tool_choice="any").invoke("2+40?")
@@ -139,8 +139,8 @@ def test_structured_output_without_a_grammar_asks_and_parses():
     chat = GrammarlessChat(pieces=['Anna", "age": 31}', " and more"], chat_template=PLAIN)
     person = chat.with_structured_output(Person).invoke("Anna is 31.")
     assert person == Person(name="Anna", age=31)
-    prompt = chat._turn(
-        [HumanMessage("x")], {"response_format": {"schema": Person.model_json_schema()}}
+    prompt = chat.prepare(
+        [HumanMessage("x")], response_format={"schema": Person.model_json_schema()}
     ).prompt
     assert "- name (string)\n- age (integer)" in prompt
     assert prompt.endswith('{"name": "')
@@ -179,9 +179,7 @@ def test_a_comma_inside_a_string_or_a_nested_value_does_not_end_the_answer():
 
 def test_with_a_grammar_the_schema_constrains_decoding():
     chat = Chat(chat_template=PLAIN)
-    turn = chat._turn(
-        [HumanMessage("x")], {"response_format": {"schema": Person.model_json_schema()}}
-    )
+    turn = chat.prepare([HumanMessage("x")], response_format={"schema": Person.model_json_schema()})
     assert turn.options["grammar"].gbnf
     assert turn.prefix == ""
 

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from langchain_localllms._base import Row
-from langchain_localllms._detok import IncrementalDetokenizer
-from langchain_localllms._usage import Tally
 from langchain_localllms.conversion import conversion_key
 from langchain_localllms.conversion import convert_to_ctranslate2 as convert
+from langchain_localllms.core.detok import IncrementalDetokenizer
+from langchain_localllms.core.events import Row, Tally
+from langchain_localllms.llms._assemble import finish_row
 
 # A SentencePiece-like vocabulary: "▁" pieces, UTF-8 byte-fallback tokens, merged
 # pieces and special tokens (skipped when decoding).
@@ -104,7 +104,7 @@ def test_batch_rows_stop_and_count_like_streaming():
 
     def finish(stops):
         pieces = IncrementalDetokenizer(decode).pieces(ids)
-        return Row(pieces, Tally(prompt_tokens=1, completion_tokens=len(ids))).finish(stops)
+        return finish_row(Row(pieces, Tally(prompt_tokens=1, completion_tokens=len(ids))), stops)[0]
 
     for stops, text, tokens in (
         ([" world"], "Hello", 2),

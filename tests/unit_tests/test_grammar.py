@@ -12,7 +12,7 @@ from langchain_localllms.grammars import Grammar, GrammarSyntaxError, check_gbnf
         ('root ::= "abc', "1:10", "unterminated literal"),
         ("root ::= item\n", "1:10", "undefined rule 'item'"),
         ('root ::= "a"\nroot ::= "b"', "2:1", "defined twice"),
-        ('root ::= [a-z', "1:10", "character class"),
+        ("root ::= [a-z", "1:10", "character class"),
         ('root ::= "a"{3,1}', "1:13", "max < min"),
         ('root ::= ("a" | "b"', "1:20", "expected ')'"),
         ('root ::= "\\q"', "1:12", "unknown escape"),
@@ -65,4 +65,4 @@ def test_coerce_and_identity():
         Grammar.coerce(42)
     with pytest.raises(ValueError, match="not valid JSON"):
         Grammar.from_json_schema("{nope")
-    assert json.loads(g1.identity[len("schema:"):])["title"] == "Person"
+    assert json.loads(g1.identity[len("schema:") :])["title"] == "Person"

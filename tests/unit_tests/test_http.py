@@ -9,13 +9,13 @@ import logging
 import httpx
 import pytest
 
-from langchain_localllms._http import (
+from langchain_localllms.core.http import (
     Endpoint,
     read_messages,
     server_message,
     sse_events,
 )
-from langchain_localllms._redact import is_secret, redact, redact_headers, redact_url
+from langchain_localllms.core.redact import is_secret, redact, redact_headers, redact_url
 from langchain_localllms.errors import (
     BadRequestError,
     IncompleteResponseError,
@@ -360,7 +360,12 @@ def test_redaction_helpers():
         "Accept": "a",
     }
 
-    nested = {"proxy": "http://u:pw@proxy:3128", "token": "hf_x", "max_tokens": 5, "l": ["s://a:b@c"]}
+    nested = {
+        "proxy": "http://u:pw@proxy:3128",
+        "token": "hf_x",
+        "max_tokens": 5,
+        "l": ["s://a:b@c"],
+    }
     assert redact(nested) == {
         "proxy": "http://***@proxy:3128", "token": "***", "max_tokens": 5, "l": ["s://***@c"]
     }  # fmt: skip

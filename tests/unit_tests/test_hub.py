@@ -1,4 +1,4 @@
-"""Resolving Hub ids in the Hugging Face cache (langchain_localllms._hub), no models.
+"""Resolving Hub ids in the Hugging Face cache (langchain_localllms.core.hub), no models.
 
 Every cache here is laid out as huggingface_hub writes one (modelkit.hubcache), and the
 code that reads it is huggingface_hub's own (snapshot_download, hf_hub_download). Unit
@@ -19,8 +19,8 @@ import huggingface_hub.constants
 import huggingface_hub.errors
 import pytest
 
-from langchain_localllms import _hub
-from langchain_localllms._hub import hub_file, hub_snapshot, is_repo_id, match_files
+from langchain_localllms.core import hub as _hub
+from langchain_localllms.core.hub import hub_file, hub_snapshot, is_repo_id, match_files
 from modelkit import hubcache
 
 REPO = "org/model-GGUF"
@@ -170,7 +170,8 @@ def test_one_file_of_a_repo_with_many_resolves_offline(tmp_path):
 def test_hf_hub_cache_is_honoured(tmp_path):
     cache, snap = gguf_repo(tmp_path, "m-Q4_K_M.gguf")
     code = (
-        f"from langchain_localllms._hub import hub_file; print(hub_file({REPO!r}, '*Q4_K_M.gguf'))"
+        "from langchain_localllms.core.hub import hub_file; "
+        f"print(hub_file({REPO!r}, '*Q4_K_M.gguf'))"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
@@ -359,7 +360,7 @@ def test_the_classes_fail_fast_offline_before_loading_a_runtime(tmp_path, monkey
 
 def test_module_stays_light():
     # Importing the resolution code imports no runtime and no huggingface_hub.
-    code = "import sys, langchain_localllms._hub; print('huggingface_hub' in sys.modules)"
+    code = "import sys, langchain_localllms.core.hub; print('huggingface_hub' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert _hub.__all__ == ["hub_file", "hub_snapshot", "is_repo_id", "match_files"]

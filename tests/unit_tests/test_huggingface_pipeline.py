@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from langchain_localllms._detok import IncrementalDetokenizer
+from langchain_localllms.core.detok import IncrementalDetokenizer
+from langchain_localllms.engines.huggingface import options as hf_options
 from langchain_localllms.grammars import Grammar
 from langchain_localllms.llms import huggingface_pipeline as hp
-from langchain_localllms.runtimes.huggingface import options as hf_options
 from tests.unit_tests.matching import accepts, guide
 
 

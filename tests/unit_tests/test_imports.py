@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from langchain_localllms import _imports
+from langchain_localllms.core import imports as _imports
 
 
 def test_missing_runtime_names_the_extra(monkeypatch):

@@ -14,9 +14,8 @@ import random
 
 import pytest
 
-from langchain_localllms.runtimes.llamacpp import (
-    PROBE_EVERY,
-    _Batcher,
+from langchain_localllms.engines.llamacpp.batching import PROBE_EVERY, Batcher
+from langchain_localllms.engines.llamacpp.prefix import (
     canonical_length,
     prefill_chunks,
     reusable_length,
@@ -95,17 +94,17 @@ def test_every_reused_token_was_computed_in_the_chunk_a_cold_prefill_uses(chunk)
 
 
 def test_rows_slower_together_than_one_by_one_are_decoded_one_by_one():
-    batcher = _Batcher(engine=None)  # the cost bookkeeping needs no model
-    assert not batcher._slower_together(2)  # nothing measured yet: decode together
+    batcher = Batcher(engine=None)  # the cost bookkeeping needs no model
+    assert not batcher.slower_together(2)  # nothing measured yet: decode together
     for width, seconds in ((1, 0.010), (2, 0.023), (4, 0.032)):
-        batcher._note_cost(width, 1.0)  # a width's first step (llama.cpp's setup) is not counted
+        batcher.note_cost(width, 1.0)  # a width's first step (llama.cpp's setup) is not counted
         for _ in range(3):
-            batcher._note_cost(width, seconds)
+            batcher.note_cost(width, seconds)
     # 2 rows took longer than 2 x 1 row; 4 rows less than 4 x 1 row.
-    split = [batcher._slower_together(2) for _ in range(PROBE_EVERY)]
+    split = [batcher.slower_together(2) for _ in range(PROBE_EVERY)]
     assert split.count(False) == 1  # together once in PROBE_EVERY steps, to measure anew
-    assert not batcher._slower_together(4)
-    assert not batcher._slower_together(1)
+    assert not batcher.slower_together(4)
+    assert not batcher.slower_together(1)
     for _ in range(20):  # the average follows what the steps take now
-        batcher._note_cost(2, 0.015)
-    assert not batcher._slower_together(2)
+        batcher.note_cost(2, 0.015)
+    assert not batcher.slower_together(2)

@@ -207,7 +207,7 @@ def test_grammar_mistakes_fail_before_any_request():
 
 # --------------------------------------------------------------------- async
 async def test_async_is_native_and_gives_what_sync_gives(monkeypatch):
-    import langchain_localllms._base as base
+    import langchain_localllms.llms._base as base
 
     def no_threads(*a, **k):
         raise AssertionError("async ran the sync client in a worker thread")

@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import PrivateAttr
 
-from langchain_localllms import _native
-from langchain_localllms._native import SharedModel
+from langchain_localllms.core import threads as _native
+from langchain_localllms.core.threads import SharedModel
+from langchain_localllms.engines import gguf
 from langchain_localllms.errors import ClosedError
-from langchain_localllms.runtimes import llamacpp
 from tests.unit_tests.fake import ScriptedLLM
 
 
@@ -240,12 +240,12 @@ def fake_llama_cpp(info: bytes):
 def test_amx_build_on_amx_cpu_warns_once_with_the_rebuild_command(
     monkeypatch, info, cpu_amx, warns
 ):
-    monkeypatch.setattr(llamacpp, "_AMX_CHECKED", False)
-    monkeypatch.setattr(llamacpp, "cpu_has_amx", lambda: cpu_amx)
+    monkeypatch.setattr(gguf, "_AMX_CHECKED", False)
+    monkeypatch.setattr(gguf, "cpu_has_amx", lambda: cpu_amx)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        llamacpp.warn_if_amx_build(fake_llama_cpp(info))
-        llamacpp.warn_if_amx_build(fake_llama_cpp(info))
+        gguf.warn_if_amx_build(fake_llama_cpp(info))
+        gguf.warn_if_amx_build(fake_llama_cpp(info))
     messages = [str(w.message) for w in seen]
     if warns:
         assert len(messages) == 1
@@ -302,7 +302,7 @@ def test_amx_kernels_are_found_by_their_symbol(tmp_path):
 
 # --------------------------------------------------------------- build once
 def test_build_once_is_atomic_and_reused(tmp_path):
-    from langchain_localllms._files import build_once
+    from langchain_localllms.core.files import build_once
 
     target = tmp_path / "thing"
     calls = []
@@ -331,7 +331,7 @@ def test_build_once_is_atomic_and_reused(tmp_path):
 def test_cache_root_ignores_an_empty_setting(monkeypatch, tmp_path):
     from pathlib import Path
 
-    from langchain_localllms._files import cache_root
+    from langchain_localllms.core.files import cache_root
 
     monkeypatch.setenv("LOCALLLMS_CACHE", "")
     assert cache_root("ct2") == Path.home() / ".cache" / "langchain-localllms" / "ct2"

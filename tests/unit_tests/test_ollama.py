@@ -12,10 +12,12 @@ import pydantic
 import pytest
 from langchain_core.load import dumpd
 
-import langchain_localllms._base as base
-import langchain_localllms.llms.ollama as ollama_module
+import langchain_localllms.core.requests as requests
+import langchain_localllms.engines.ollama.context as ollama_context
+import langchain_localllms.engines.ollama.pull as ollama_pull
+import langchain_localllms.llms._base as base
 from langchain_localllms import Grammar, Ollama
-from langchain_localllms._http import Endpoint
+from langchain_localllms.core.http import Endpoint
 from langchain_localllms.errors import (
     BadRequestError,
     ContextOverflowError,
@@ -116,7 +118,7 @@ def test_the_langchain_ollama_parameter_names_are_accepted():
 def test_parameters_ollama_ignores_are_taken_with_one_warning(name, monkeypatch):
     # langchain_community sends them and Ollama's server ignores them: drop-in code
     # keeps working, and is told once that they change nothing.
-    monkeypatch.setattr(base, "_WARNED", set())
+    monkeypatch.setattr(requests, "_WARNED", set())
     with pytest.warns(UserWarning, match=f"Ollama ignores {name}=1: Ollama's API no longer"):
         Ollama(model="m", **{name: 1})
     with warnings.catch_warnings():
@@ -322,7 +324,6 @@ def test_credentials_never_show_in_repr_identity_or_errors():
 
 # ------------------------------------------------------------ async, batches
 async def test_async_is_native_and_matches_sync(monkeypatch):
-    import langchain_localllms._base as base
 
     def no_threads(*a, **k):
         raise AssertionError("async ran the sync client in a worker thread")
@@ -447,7 +448,7 @@ class Bar:
 @pytest.fixture
 def bars(monkeypatch):
     Bar.made = []
-    monkeypatch.setattr(ollama_module, "progress_bar", Bar)
+    monkeypatch.setattr(ollama_pull, "progress_bar", Bar)
     return Bar.made
 
 
@@ -562,10 +563,10 @@ def test_validate_model_on_init_names_the_local_models_and_the_fix():
 
 # ------------------------------------------------------------------- truncation
 def test_overflowed_reads_prompt_eval_count_against_the_context():
-    assert ollama_module.overflowed(2048, 2048)  # Ollama's Go runner cuts to num_ctx
-    assert ollama_module.overflowed(2047, 2048)  # its llama-server runner, to num_ctx - 1
-    assert not ollama_module.overflowed(2046, 2048)
-    assert not ollama_module.overflowed(0, 2048)  # no count (a cached prompt, Ollama 0.1)
+    assert ollama_context.overflowed(2048, 2048)  # Ollama's Go runner cuts to num_ctx
+    assert ollama_context.overflowed(2047, 2048)  # its llama-server runner, to num_ctx - 1
+    assert not ollama_context.overflowed(2046, 2048)
+    assert not ollama_context.overflowed(0, 2048)  # no count (a cached prompt, Ollama 0.1)
 
 
 @pytest.mark.parametrize("counted", [128, 127])
@@ -639,7 +640,7 @@ def test_with_num_ctx_unset_the_context_the_server_runs_is_asked_once():
     assert paths(fake).count(("GET", "/api/ps")) == 1  # asked once per instance
     # a short prompt never costs the question
     short = FakeServer(
-        route(generate=final(ollama_module.SERVED_CONTEXT_FLOOR - 1), ps=json_reply(ps))
+        route(generate=final(ollama_context.SERVED_CONTEXT_FLOOR - 1), ps=json_reply(ps))
     )
     make(short).invoke("x")
     assert paths(short) == [("POST", "/api/generate")]
@@ -665,15 +666,15 @@ def test_without_api_ps_the_modelfile_num_ctx_or_the_trained_context_is_the_boun
 
 
 def test_context_helpers_read_ollamas_replies():
-    assert ollama_module._trained_context(SHOW) == 8192
-    assert ollama_module._trained_context({"model_info": {"qwen2.context_length": 32768}}) == 32768
-    assert ollama_module._trained_context({}) is None
-    assert ollama_module._modelfile_context({"parameters": "num_keep 24\nnum_ctx  4096"}) == 4096
-    assert ollama_module._modelfile_context(SHOW) is None
+    assert ollama_context.trained_context(SHOW) == 8192
+    assert ollama_context.trained_context({"model_info": {"qwen2.context_length": 32768}}) == 32768
+    assert ollama_context.trained_context({}) is None
+    assert ollama_context.modelfile_context({"parameters": "num_keep 24\nnum_ctx  4096"}) == 4096
+    assert ollama_context.modelfile_context(SHOW) is None
     ps = {"models": [{"name": "llama2:latest", "context_length": 4096}, {"name": "x:1"}]}
-    assert ollama_module._served_context(ps, "llama2") == 4096  # name:latest
-    assert ollama_module._served_context(ps, "llama2:13b") is None
-    assert ollama_module._served_context({"models": None}, "llama2") is None
+    assert ollama_context.served_context(ps, "llama2") == 4096  # name:latest
+    assert ollama_context.served_context(ps, "llama2:13b") is None
+    assert ollama_context.served_context({"models": None}, "llama2") is None
 
 
 # ----------------------------------------------------------------- num_ctx="auto"
@@ -722,7 +723,7 @@ def test_model_info_context_length():
     assert make(fake).model_info().context_length == 4096  # what the server runs
     assert make(fake, num_ctx=1024).model_info().context_length == 1024
     llm = make(fake, num_ctx=100_000)
-    llm._info()
+    llm.engine.info()
     assert llm.model_info().context_length == 8192  # Ollama caps num_ctx at the trained one
     nothing = FakeServer(route(show=json_reply(SHOW), ps=json_reply({"models": []})))
     assert make(nothing).model_info().context_length is None

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from langchain_localllms._files import progress, progress_bar, working
+from langchain_localllms.core.files import progress, progress_bar, working
 
 
 class Terminal(io.StringIO):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from langchain_localllms._stop import StopStream, check_stops, truncate
+from langchain_localllms.core.stops import StopStream, check_stops, truncate
 
 
 def run(pieces, stops):

@@ -1,4 +1,10 @@
-"""The one shape of usage, timings and finish reasons that every runtime fills.
+"""What an engine emits while it generates, with no LangChain types.
+
+An engine's stream is a sequence of pieces: ``str`` (the text of one generated token,
+possibly empty), :class:`Echo` (the prompt given back), :class:`Thinking` (reasoning a
+server split from the answer), :class:`ToolCallPiece` (a call a server parsed). A
+native batch gives one :class:`Row` per prompt. Both fill a :class:`Tally`: token
+counts, timings and the finish reason, the one shape of usage that every runtime fills.
 
 ``generation_info`` of each generation::
 
@@ -16,8 +22,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-from langchain_core.outputs import Generation
 
 
 @dataclass
@@ -80,12 +84,48 @@ def _rate(n: int, ms: float) -> float | None:
     return round(n / ms * 1e3, 2) if ms > 0 and n > 0 else None
 
 
-def llm_output(generations: list[list[Generation]], **extra: Any) -> dict[str, Any]:
-    """Sum token usage over every generation of a call, for ``LLMResult.llm_output``."""
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for gens in generations:
-        for g in gens:
-            info = g.generation_info or {}
-            for k in usage:
-                usage[k] += int(info.get(k) or 0)
-    return {"token_usage": usage, **extra}
+class Echo(str):
+    """The prompt, given back in front of the answer (``echo``).
+
+    No stop applies to it, and it is not a generated token.
+    """
+
+    __slots__ = ()
+
+
+class Thinking(str):
+    """A piece of the model's reasoning that the server split from the answer.
+
+    Ollama sends it as ``message.thinking`` (for models whose template has a thinking
+    switch); it is never part of the answer's text.
+    """
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class ToolCallPiece:
+    """A tool call that a server parsed out of the answer itself.
+
+    Ollama's ``message.tool_calls``, as it sent it: not yet checked against the tool's
+    schema.
+    """
+
+    name: str
+    arguments: Any
+    """A dict, or JSON text (as some servers send it)."""
+    id: str | None = None
+
+
+@dataclass
+class Row:
+    """One prompt's answer from a native batch, before stops are applied.
+
+    ``pieces`` holds the text of each generated token in order (empty where a token
+    completes no character yet), so the stop that ends the answer also ends its token
+    count; ``prefix`` is text shown before the answer (an echoed prompt).
+    """
+
+    pieces: list[str]
+    tally: Tally
+    prefix: str = ""

@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
 
-from langchain_localllms._imports import require
+from langchain_localllms.core.imports import require
 
 __all__ = ["hub_file", "hub_snapshot", "is_repo_id", "match_files"]
 

@@ -42,7 +42,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
-from langchain_localllms.errors import ClosedError
+from langchain_localllms.core.errors import ClosedError
 
 M = TypeVar("M")
 T = TypeVar("T")
@@ -80,6 +80,7 @@ class Cancel:
         return self._set
 
     def set(self) -> None:
+        """Cancel: the work stops at its next step, and waiters are woken."""
         with self._lock:
             self._set = True
             wakeups, self._wakeups = self._wakeups, []
@@ -87,6 +88,7 @@ class Cancel:
             wake()
 
     def on_set(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when this is set (at once if it is already)."""
         with self._lock:
             if not self._set:
                 self._wakeups.append(wake)

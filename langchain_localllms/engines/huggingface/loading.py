@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from langchain_localllms._hub import hub_snapshot, is_repo_id
-from langchain_localllms._imports import require
 from langchain_localllms.conversion import OPENVINO_WEIGHT_FORMATS, export_openvino
-from langchain_localllms.runtimes.huggingface.options import is_seq2seq_task
+from langchain_localllms.core.hub import hub_snapshot, is_repo_id
+from langchain_localllms.core.imports import require
+from langchain_localllms.engines.huggingface.options import is_seq2seq_task
 
 
 # -------------------------------------------------------------- model sources
@@ -27,7 +27,7 @@ def resolve_model_source(
 ) -> tuple[str, bool]:  # fmt: skip
     """Where to load ``model_id`` from: a local directory, or its Hub cache snapshot.
 
-    A Hub id is resolved by :func:`~langchain_localllms._hub.hub_snapshot`: the cache
+    A Hub id is resolved by :func:`~langchain_localllms.core.hub.hub_snapshot`: the cache
     first, a download only on a miss and never offline.
 
     Returns:

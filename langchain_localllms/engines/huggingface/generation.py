@@ -1,7 +1,7 @@
 """Generating with a transformers model: the engine, one ``generate`` call, stops, grammars.
 
 * streaming runs ``generate`` in a worker thread that hands token ids to the reader
-  (:class:`~langchain_localllms._native.SharedModel`): an error there is raised in
+  (:class:`~langchain_localllms.core.threads.SharedModel`): an error there is raised in
   the caller, and a reader that stops early stops generation at the next token;
 * stop strings of any length end generation early (a stopping criterion) and are cut
   by the shared stop handling;
@@ -18,15 +18,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from langchain_localllms._base import Echo, Row
-from langchain_localllms._detok import CONTEXT_TOKENS, IncrementalDetokenizer
-from langchain_localllms._imports import require
-from langchain_localllms._native import Emit, SharedModel, current_cancel
-from langchain_localllms._usage import Tally
-from langchain_localllms.errors import ContextOverflowError
+from langchain_localllms.core.detok import CONTEXT_TOKENS, IncrementalDetokenizer
+from langchain_localllms.core.errors import ContextOverflowError
+from langchain_localllms.core.events import Echo, Row, Tally
+from langchain_localllms.core.imports import require
+from langchain_localllms.core.requests import Call
+from langchain_localllms.core.threads import Emit, SharedModel, current_cancel
+from langchain_localllms.engines.huggingface.options import Settings
 from langchain_localllms.grammars import Grammar
 from langchain_localllms.grammars.guidance import Guide, advance
-from langchain_localllms.runtimes.huggingface.options import Settings
 
 
 # ------------------------------------------------------------- decode, stop
@@ -124,7 +124,7 @@ class HFEngine:
 
     Shared by an LLM instance and its copies (and by a chat class over the same
     model). The tokenizer is used under one lock (tokenizers are not thread-safe); the
-    model by one ``generate`` at a time (:class:`~langchain_localllms._native.SharedModel`).
+    model by one ``generate`` at a time (:class:`~langchain_localllms.core.threads.SharedModel`).
     """
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
@@ -205,12 +205,13 @@ class HFEngine:
             )
         return text
 
-    def pieces(
-        self, prompt: str, settings: Settings, stops: list[str], tally: Tally
-    ) -> Iterator[str]:
-        """Generate for one prompt, piece by piece (a worker thread runs ``generate``)."""
+    def pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
+        """Generate for one prompt, piece by piece (a worker thread runs ``generate``).
+
+        ``call.request`` is the call's :class:`Settings`.
+        """
         with self.shared.use():
-            yield from self._pieces(prompt, settings, stops, tally)
+            yield from self._pieces(prompt, call.request, call.stops, tally)
 
     def _pieces(
         self, prompt: str, settings: Settings, stops: list[str], tally: Tally
@@ -248,12 +249,13 @@ class HFEngine:
             why = job.ended.at.get(0, (0, "length"))[1]
             tally.finish_reason = "stop" if why in ("eos", "stop") else "length"
 
-    def rows(
-        self, prompts: list[str], settings: Settings, stops: list[str], per_call: int
-    ) -> list[Row]:
-        """Generate for many prompts, ``per_call`` of them in each ``generate`` call."""
+    def rows(self, prompts: list[str], call: Call, *, per_call: int = 1) -> list[Row]:
+        """Generate for many prompts, ``per_call`` of them in each ``generate`` call.
+
+        ``call.request`` is the call's :class:`Settings`.
+        """
         with self.shared.use():
-            return self._rows(prompts, settings, stops, per_call)
+            return self._rows(prompts, call.request, call.stops, per_call)
 
     def _rows(
         self, prompts: list[str], settings: Settings, stops: list[str], per_call: int

@@ -36,13 +36,13 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
-from langchain_localllms._redact import redact_url
-from langchain_localllms.errors import (
+from langchain_localllms.core.errors import (
     BadRequestError,
     IncompleteResponseError,
     NotFoundError,
     ServerError,
 )
+from langchain_localllms.core.redact import redact_url
 
 __all__ = [
     "Endpoint",
@@ -118,7 +118,7 @@ def _error_text(error: Any) -> str:
     return error if isinstance(error, str) else json.dumps(error)
 
 
-class _Reader:
+class _ReplyReader:
     """Turns reply lines into JSON messages; shared by the sync and async reads."""
 
     def __init__(self, framing: Framing, where: str, is_final: Callable[[dict[str, Any]], bool]):
@@ -202,7 +202,7 @@ def read_messages(
         ServerError: The reply holds an error message, or something not JSON.
         IncompleteResponseError: The reply ended without its final message.
     """
-    reader = _Reader(framing, where, is_final)
+    reader = _ReplyReader(framing, where, is_final)
     for line in lines:
         yield from reader.feed(line)
     yield from reader.end()
@@ -388,7 +388,7 @@ class Endpoint:
             IncompleteResponseError: The reply was cut before its final message.
         """
         client = self.client()
-        reader = _Reader(framing, self.where, is_final)
+        reader = _ReplyReader(framing, self.where, is_final)
         try:
             request = client.build_request(method, path, json=body, headers=headers)
             for attempt in range(_STALE_RETRIES + 1):
@@ -429,7 +429,7 @@ class Endpoint:
     ) -> AsyncGenerator[dict[str, Any], None]:
         """The async form of :meth:`stream` (same arguments, same errors)."""
         client = self.aclient()
-        reader = _Reader(framing, self.where, is_final)
+        reader = _ReplyReader(framing, self.where, is_final)
         try:
             request = client.build_request(method, path, json=body, headers=headers)
             for attempt in range(_STALE_RETRIES + 1):

@@ -17,15 +17,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from langchain_localllms._base import Row
-from langchain_localllms._detok import IncrementalDetokenizer
-from langchain_localllms._files import model_dir
-from langchain_localllms._imports import require
-from langchain_localllms._native import SharedModel, current_cancel, trim_heap
-from langchain_localllms._stop import StopStream
-from langchain_localllms._usage import Tally
 from langchain_localllms.conversion import TOKENIZER_FILES, trained_context
-from langchain_localllms.errors import ContextOverflowError
+from langchain_localllms.core.detok import IncrementalDetokenizer
+from langchain_localllms.core.errors import ContextOverflowError
+from langchain_localllms.core.events import Row, Tally
+from langchain_localllms.core.files import model_dir
+from langchain_localllms.core.imports import require
+from langchain_localllms.core.requests import Call
+from langchain_localllms.core.stops import StopStream
+from langchain_localllms.core.threads import SharedModel, current_cancel, trim_heap
 
 __all__ = [
     "CTranslate2Engine",
@@ -100,7 +100,7 @@ class CTranslate2Engine:
         self.shared.set_part("tokenizer", tokenizer)
         config = read_json(path / "config.json")
         self._bos = config.get("bos_token")
-        self._end_ids = self._default_end_ids(path, config)
+        self.end_ids = self._default_end_ids(path, config)
 
     @property
     def client(self) -> Any:
@@ -368,7 +368,7 @@ class CTranslate2Engine:
             topk, temperature = 1, 1.0
         end = p["end_token"]
         if end is None:
-            end_ids = self._end_ids
+            end_ids = self.end_ids
         elif isinstance(end, str):
             end_ids = self._token_ids([end], "end_token")
         elif all(isinstance(e, str) for e in end):
@@ -407,10 +407,10 @@ class CTranslate2Engine:
         return IncrementalDetokenizer(decode, context)
 
     # --------------------------------------------------------------- generation
-    def pieces(self, prompt: str, p: Mapping[str, Any], tally: Tally) -> Iterator[str]:
-        """Generate for one prompt with decoding parameters ``p``, token by token."""
+    def pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
+        """Generate for one prompt with the call's decoding parameters, token by token."""
         with self._generator() as generator:
-            yield from self._pieces(generator, prompt, p, tally)
+            yield from self._pieces(generator, prompt, call.params, tally)
 
     def _pieces(
         self, generator: Any, prompt: str, p: Mapping[str, Any], tally: Tally
@@ -453,10 +453,10 @@ class CTranslate2Engine:
         finally:
             steps.close()  # stops decoding at the next step and waits for it
 
-    def rows(self, prompts: list[str], p: Mapping[str, Any], stops: list[str]) -> list[Row]:
+    def rows(self, prompts: list[str], call: Call) -> list[Row]:
         """Generate for many prompts in one ``generate_batch``."""
         with self._generator() as generator:
-            return self._rows(generator, prompts, p, stops)
+            return self._rows(generator, prompts, call.params, call.stops)
 
     def _rows(
         self, generator: Any, prompts: list[str], p: Mapping[str, Any], stops: list[str]

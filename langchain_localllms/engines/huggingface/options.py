@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from langchain_localllms._base import Refused
-from langchain_localllms._imports import require
+from langchain_localllms.core.imports import require
+from langchain_localllms.core.requests import Refused
 from langchain_localllms.grammars import Grammar
 
 DEFAULT_MODEL_ID = "gpt2"
