@@ -11,8 +11,8 @@ iterator closes the connection, and the server stops generating.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, ClassVar, TypeVar
 
 from langchain_localllms.core.events import Tally
 from langchain_localllms.core.http import Endpoint, Framing
@@ -20,6 +20,7 @@ from langchain_localllms.core.requests import Call
 
 #: Requests of a batch sent at once when the server does not say how many it runs.
 DEFAULT_CONCURRENCY = 4
+T = TypeVar("T")
 #: A lookup that fails in these ways leaves what it looks for unknown (ServerError is
 #: a RuntimeError; ValueError: a reply that is not JSON).
 LOOKUP_ERRORS = (RuntimeError, ConnectionError, TimeoutError, ValueError)
@@ -86,24 +87,39 @@ class ServerEngine:
     def pieces(self, prompt: str, call: Call, tally: Tally) -> Iterator[str]:
         """The answer's text pieces, as the server sends them."""
         body = self.body(prompt, call)
-        messages = self.endpoint.stream(self.route, body, **self.request_options(body))
-        try:
-            for message in messages:
-                piece = self.take(message, tally)
-                if piece:
-                    yield piece
-        finally:
-            messages.close()  # stopped early: the connection closes, the server stops
+        yield from self.exchange(self.route, body, lambda m: _nonempty(self.take(m, tally)))
 
     async def apieces(self, prompt: str, call: Call, tally: Tally) -> AsyncIterator[str]:
         """The async form of :meth:`pieces`."""
         body = self.body(prompt, call)
-        messages = self.endpoint.astream(self.route, body, **self.request_options(body))
+        async for piece in self.aexchange(
+            self.route, body, lambda m: _nonempty(self.take(m, tally))
+        ):
+            yield piece
+
+    def exchange(
+        self, route: str, body: dict[str, Any], read: Callable[[dict[str, Any]], list[T]]
+    ) -> Iterator[T]:
+        """Send ``body`` to ``route`` and yield what ``read`` makes of each reply message.
+
+        Closing the iterator closes the connection: the server stops generating.
+        """
+        messages = self.endpoint.stream(route, body, **self.request_options(body))
+        try:
+            for message in messages:
+                yield from read(message)
+        finally:
+            messages.close()
+
+    async def aexchange(
+        self, route: str, body: dict[str, Any], read: Callable[[dict[str, Any]], list[T]]
+    ) -> AsyncIterator[T]:
+        """The async form of :meth:`exchange`."""
+        messages = self.endpoint.astream(route, body, **self.request_options(body))
         try:
             async for message in messages:
-                piece = self.take(message, tally)
-                if piece:
-                    yield piece
+                for item in read(message):
+                    yield item
         finally:
             await messages.aclose()
 
@@ -140,3 +156,7 @@ class ServerEngine:
         assert self.slots_probe is not None
         value = reply.get(self.slots_probe[1]) if isinstance(reply, dict) else None
         return value if isinstance(value, int) and value > 0 else 0
+
+
+def _nonempty(piece: str) -> list[str]:
+    return [piece] if piece else []

@@ -356,12 +356,7 @@ class OllamaEngine(ServerEngine):
     def chat(self, request: ChatRequest, call: Call, tally: Tally) -> Iterator[str | ToolCallPiece]:
         """``/api/chat``'s pieces: content, :class:`Thinking`, :class:`ToolCallPiece`."""
         body = self.chat_body(request, call)
-        messages = self.endpoint.stream("/api/chat", body, **self.request_options(body))
-        try:
-            for message in messages:
-                yield from self.take_chat(message, tally)
-        finally:
-            messages.close()  # stopped early: the connection closes, the server stops
+        yield from self.exchange("/api/chat", body, lambda m: self.take_chat(m, tally))
         self._check(request.text, call, tally, self._context(call, tally))
 
     async def achat(
@@ -371,13 +366,8 @@ class OllamaEngine(ServerEngine):
         if call.params.get("num_ctx") == "auto":
             await self.ainfo()
         body = self.chat_body(request, call)
-        messages = self.endpoint.astream("/api/chat", body, **self.request_options(body))
-        try:
-            async for message in messages:
-                for piece in self.take_chat(message, tally):
-                    yield piece
-        finally:
-            await messages.aclose()
+        async for piece in self.aexchange("/api/chat", body, lambda m: self.take_chat(m, tally)):
+            yield piece
         await self._acheck(request.text, call, tally)
 
     def _context(self, call: Call, tally: Tally) -> int | None:
